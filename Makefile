@@ -1,0 +1,68 @@
+# Omnistitch developer entry points. `make setup` is idempotent; every other target runs it first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KAFKA := $(PY) deploy/kafka/localkafka.py
+RUN_DIR := .run
+PYTEST_ARGS ?=
+
+.PHONY: help setup lock kafka-up kafka-down run test test-unit test-integration bench lint format schemas clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $@
+
+deploy/kafka/.classpath: deploy/kafka/pom.xml | $(PY)
+	$(KAFKA) classpath
+
+setup: $(STAMP) deploy/kafka/.classpath ## venv + pinned Python deps + Kafka broker jars (fast when done)
+
+lock: | $(PY) ## re-pin constraints.txt from a fresh resolve of pyproject.toml
+	rm -rf $(RUN_DIR)/lockenv && $(PYTHON) -m venv $(RUN_DIR)/lockenv
+	$(RUN_DIR)/lockenv/bin/pip install -q --upgrade pip && $(RUN_DIR)/lockenv/bin/pip install -q ".[dev]"
+	$(RUN_DIR)/lockenv/bin/pip freeze --exclude omnistitch > constraints.txt && rm -rf $(RUN_DIR)/lockenv
+
+kafka-up: setup ## start the local broker (127.0.0.1:9092 when free) in .run/kafka
+	@$(KAFKA) up --state-dir $(RUN_DIR)/kafka --port 9092
+
+kafka-down: | $(PY) ## stop the local broker
+	@$(KAFKA) down --state-dir $(RUN_DIR)/kafka
+
+run: setup ## broker (unless KAFKA_BOOTSTRAP is set) + topics + one worker + a demo feed; Ctrl-C stops all
+	@bash deploy/run-local.sh
+
+test: setup ## unit + integration tests against a broker the tests start (and always stop)
+	@trap '$(KAFKA) down --state-dir $(RUN_DIR)/test-kafka' EXIT; \
+	status=0; $(PY) -m pytest tests $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
+	exit $$status
+
+test-unit: setup ## unit tests only (no broker)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: setup ## benchmarks: print figures (see BENCHMARKS.md)
+	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+lint: setup ## ruff + mypy (strict on streams/ and schemas/)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup ## apply ruff's formatting and autofixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean: kafka-down ## stop the broker, remove local state
+	rm -rf $(RUN_DIR) .state
