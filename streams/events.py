@@ -1,4 +1,4 @@
-"""The normalised event: the one shape validation hands to the stitching core, the replay and the stream app."""
+"""The normalised event: the one shape validation hands to the stitching core, replay and stream app."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class NormalizedEvent:
 
     `identifiers` holds only usable ones (invalid and blocked values removed, same key given once,
     verified if any copy was verified); `dropped` says which were removed and why, so they can be counted.
+    `envelope` is the producer's JSON as received (already validated), with `identifiers` replaced by the
+    usable ones in stored form and, when hashing is on, clear phones/e-mails elsewhere replaced by hashes.
     """
 
     event_id: str
@@ -40,3 +42,8 @@ class NormalizedEvent:
     consent: dict[str, bool] = field(default_factory=dict)
     dropped: tuple[tuple[str, str], ...] = ()
     envelope: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Identifier keys (`type:value`) in event order: what the graph links and resolved events list."""
+        return tuple(identifier.key for identifier in self.identifiers)

@@ -1,0 +1,50 @@
+"""Creating the app's topics with explicit partitions and cleanup policies (the broker never auto-creates)."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from schemas.topics import DLQ, EVENTS_RESOLVED, IDENTITY_CHANGES, PROFILES, TopicSpec
+from streams.config import AppSettings
+
+__all__ = ["create_topics", "raw_topic", "topic_plan"]
+
+
+def raw_topic(source: str) -> str:
+    """Raw topic name for a configured source (`pos` → `raw.pos`)."""
+    return f"raw.{source}"
+
+
+def topic_plan(settings: AppSettings) -> list[tuple[str, int, dict[str, str]]]:
+    """(name, partitions, config) for every public topic of this deployment."""
+    raw = [
+        (raw_topic(source), settings.partitions, {"cleanup.policy": "delete"}) for source in settings.sources
+    ]
+    outputs: list[TopicSpec] = [EVENTS_RESOLVED, PROFILES, IDENTITY_CHANGES, DLQ]
+    return raw + [
+        (spec.name, settings.partitions, {"cleanup.policy": spec.cleanup_policy}) for spec in outputs
+    ]
+
+
+def create_topics(settings: AppSettings, timeout: float = 30.0) -> dict[str, str]:
+    """Create what is missing; report `created` or `exists` per topic (idempotent, safe on every start)."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    plan = topic_plan(settings)
+    futures = admin.create_topics(
+        [
+            NewTopic(name, num_partitions=parts, replication_factor=settings.replication_factor, config=cfg)
+            for name, parts, cfg in plan
+        ],
+        request_timeout=timeout,
+    )
+    outcome: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout)
+            outcome[name] = "created"
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+            outcome[name] = "exists"
+    return outcome

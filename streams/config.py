@@ -1,0 +1,48 @@
+"""Worker settings from the environment: one place that names every knob a deployer can turn."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_SOURCES", "AppSettings"]
+
+DEFAULT_SOURCES = ("web", "app", "pos", "call_center", "esp", "sms", "push", "messenger", "crm")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    """Stream-app settings; `from_env` is the only constructor deployments use (see README's table)."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    app_id: str = "omnistitch"
+    partitions: int = 8
+    sources: tuple[str, ...] = DEFAULT_SOURCES
+    data_dir: Path = Path(".state/worker")
+    web_port: int = 6066
+    standby_replicas: int = 0
+    replication_factor: int = 1
+    rules_file: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> AppSettings:
+        """Read `KAFKA_BOOTSTRAP` and `OMNISTITCH_*` variables, falling back to the defaults above."""
+        env = dict(os.environ if environ is None else environ)
+        defaults = cls()
+        rules = env.get("OMNISTITCH_RULES_FILE")
+        return cls(
+            bootstrap=env.get("KAFKA_BOOTSTRAP", defaults.bootstrap),
+            app_id=env.get("OMNISTITCH_APP_ID", defaults.app_id),
+            partitions=int(env.get("OMNISTITCH_PARTITIONS", defaults.partitions)),
+            sources=_csv(env["OMNISTITCH_SOURCES"]) if env.get("OMNISTITCH_SOURCES") else DEFAULT_SOURCES,
+            data_dir=Path(env.get("OMNISTITCH_DATA_DIR", str(defaults.data_dir))),
+            web_port=int(env.get("OMNISTITCH_WEB_PORT", defaults.web_port)),
+            standby_replicas=int(env.get("OMNISTITCH_STANDBY_REPLICAS", defaults.standby_replicas)),
+            replication_factor=int(env.get("OMNISTITCH_REPLICATION_FACTOR", defaults.replication_factor)),
+            rules_file=Path(rules) if rules else None,
+        )
