@@ -1,0 +1,170 @@
+"""Accuracy metrics: O(n) contingency sums must equal brute-force pair counting; baselines and CLI."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from streams.cli import app
+from streams.evaluate import assignments_from_resolved, baseline_assignments, read_assignments, score
+
+
+def _brute(truth: dict[str, str], pred: dict[str, str | None]) -> tuple[int, int, int, float, float]:
+    labels = {e: (pred.get(e) or f"single-{e}") for e in truth}
+    events = sorted(truth)
+    correct = predicted = true_pairs = 0
+    for a, b in itertools.combinations(events, 2):
+        same_pred = labels[a] == labels[b]
+        same_true = truth[a] == truth[b]
+        correct += same_pred and same_true
+        predicted += same_pred
+        true_pairs += same_true
+    bp = sum(
+        sum(1 for f in events if labels[f] == labels[e] and truth[f] == truth[e])
+        / sum(1 for f in events if labels[f] == labels[e])
+        for e in events
+    ) / len(events)
+    br = sum(
+        sum(1 for f in events if labels[f] == labels[e] and truth[f] == truth[e])
+        / sum(1 for f in events if truth[f] == truth[e])
+        for e in events
+    ) / len(events)
+    return correct, predicted, true_pairs, bp, br
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.one_of(st.none(), st.integers(0, 5))),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_contingency_counts_equal_brute_force(rows: list[tuple[int, int | None]]) -> None:
+    truth = {f"e{i}": f"p{t}" for i, (t, _) in enumerate(rows)}
+    pred = {f"e{i}": (None if p is None else f"c{p}") for i, (_, p) in enumerate(rows)}
+    s = score(truth, pred)
+    correct, predicted, true_pairs, bp, br = _brute(truth, pred)
+    assert (s.correct_pairs, s.predicted_pairs, s.true_pairs) == (correct, predicted, true_pairs)
+    assert s.bcubed_precision == pytest.approx(bp)
+    assert s.bcubed_recall == pytest.approx(br)
+
+
+def test_hand_computed_example() -> None:
+    # person A: a1 a2 a3 ; person B: b1 b2 ; profile X = {a1, a2, b1}, Y = {a3}, b2 unassigned
+    truth = {"a1": "A", "a2": "A", "a3": "A", "b1": "B", "b2": "B"}
+    pred: dict[str, str | None] = {"a1": "X", "a2": "X", "b1": "X", "a3": "Y"}
+    s = score(truth, pred)
+    assert s.correct_pairs == 1 and s.predicted_pairs == 3 and s.true_pairs == 4
+    assert s.pairwise_precision == pytest.approx(1 / 3)
+    assert s.pairwise_recall == pytest.approx(1 / 4)
+    assert s.over_merged_profiles == 1
+    assert s.split_people == 2
+    assert (s.largest_profile_events, s.largest_profile_people) == (3, 2)
+    assert s.unassigned_events == 1
+    assert s.profiles == 3
+
+
+def test_perfect_and_degenerate_stitchings() -> None:
+    truth = {f"e{i}": f"p{i % 3}" for i in range(12)}
+    perfect = score(truth, {e: f"x-{p}" for e, p in truth.items()})
+    assert perfect.pairwise_f1 == 1.0 and perfect.bcubed_f1 == 1.0 and perfect.over_merged_profiles == 0
+    singletons = score(truth, {})
+    assert singletons.pairwise_precision == 1.0 and singletons.pairwise_recall == 0.0
+    everything = score(truth, dict.fromkeys(truth, "giant"))
+    assert everything.pairwise_recall == 1.0
+    assert everything.pairwise_precision == pytest.approx(3 * 6 / 66)
+    assert everything.largest_profile_people == 3
+
+
+def test_assignments_from_resolved_follows_merge_chains() -> None:
+    resolved = [
+        {"event_id": "e1", "profile_id": "P1"},
+        {"event_id": "e2", "profile_id": "P2"},
+        {"event_id": "e3", "profile_id": "P3"},
+        {"event_id": "e4", "profile_id": None},
+        {"event_id": "e5", "profile_id": "C1"},
+    ]
+    changes = [
+        {"profile_id": "P1", "merged_into": "P2"},
+        {"profile_id": "P2", "merged_into": "P3"},
+        {"profile_id": "P3", "merged_into": None},
+        {"profile_id": "C1", "merged_into": "C2"},
+        {"profile_id": "C2", "merged_into": "C1"},  # a cycle must not hang
+    ]
+    final = assignments_from_resolved(resolved, changes)
+    assert final["e1"] == final["e2"] == final["e3"] == "P3"
+    assert final["e4"] is None
+    assert final["e5"] in {"C1", "C2"}
+
+
+def _event(event_id: str, *identifiers: tuple[str, str]) -> bytes:
+    return orjson.dumps(
+        {
+            "schema_version": 1,
+            "event_id": event_id,
+            "source": "pos",
+            "channel": "store",
+            "type": "store_purchase",
+            "occurred_at": "2026-11-24T10:00:00+03:00",
+            "identifiers": [{"type": t, "value": v} for t, v in identifiers],
+            "attributes": {"store_id": "msk-1", "order_id": event_id, "total": "1.00", "currency": "RUB"},
+        }
+    )
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    lines = [
+        _event("e1", ("phone", "8 916 123-45-67"), ("loyalty_card", "2000 1234 5678")),
+        _event("e2", ("phone", "+7 (916) 123 45 67")),  # same phone, other spelling
+        _event("e3", ("phone", "+7 (916) 123 45 67"), ("loyalty_card", "200099998888")),  # the household
+        _event("e4", ("email", "Ann@Mail.ru")),
+        _event("e4", ("email", "Ann@Mail.ru")),  # duplicate delivery
+        b'{"not": "an event"}',
+    ]
+    (tmp_path / "all.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    truth = [("e1", "A"), ("e2", "A"), ("e3", "B"), ("e4", "C")]
+    (tmp_path / "truth.jsonl").write_bytes(
+        b"".join(orjson.dumps({"event_id": e, "person_id": p}) + b"\n" for e, p in truth)
+    )
+    (tmp_path / "assign.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps({"event_id": e, "profile_id": p}) + b"\n"
+            for e, p in [("e1", "X"), ("e2", "X"), ("e3", None), ("e4", "Z")]
+        )
+    )
+    return tmp_path
+
+
+def test_naive_baseline_joins_every_shared_identifier_and_ceiling_does_not(tiny: Path) -> None:
+    truth = {"e1": "A", "e2": "A", "e3": "B", "e4": "C"}
+    naive, ceiling, refused = baseline_assignments(tiny / "all.jsonl", truth)
+    assert refused == 1
+    assert naive["e1"] == naive["e2"] == naive["e3"] != naive["e4"]
+    assert ceiling is not None
+    assert ceiling["e1"] == ceiling["e2"] != ceiling["e3"]
+    assert score(truth, ceiling).pairwise_precision == 1.0
+    assert score(truth, naive).over_merged_profiles == 1
+
+
+def test_cli_evaluate_json_and_table(tiny: Path) -> None:
+    runner = CliRunner()
+    args = ["evaluate", "--truth", str(tiny / "truth.jsonl"), "--events", str(tiny / "all.jsonl")]
+    result = runner.invoke(app, [*args, "--assignments", str(tiny / "assign.jsonl"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = orjson.loads(result.stdout)
+    assert data["assignments"]["pairwise_precision"] == 1.0
+    assert data["assignments"]["pairwise_recall"] == 1.0
+    assert data["naive_baseline"]["over_merged_profiles"] == 1
+    assert data["identifier_ceiling"]["pairwise_precision"] == 1.0
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0, table.output
+    assert "naive baseline" in table.stdout and "pairwise F1" in table.stdout
+    assert read_assignments(tiny / "assign.jsonl")["e3"] is None
