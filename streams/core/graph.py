@@ -1,0 +1,877 @@
+"""The single-process identity graph: drives the pure rules over a store, with a hot cache and write-back.
+
+Item shapes:
+    NormalizedEvent ─link─▶ LinkResult(profile_id | None, changes: tuple[IdentityChange, ...], anchor)
+
+Store layout (all keys bytes, values orjson unless said):
+    i:<type:value>          → live profile id (ascii)
+    p:<profile id>          → ProfileState (tombstone when merged / erased)
+    g:<type:value>          → b"1"  (value marked generic)
+    h:<profile id>:<seq>    → one IdentityChange of that profile (the history `explain` reads)
+    r:<type:value>:<n>      → key of a history entry of another profile that names this identifier
+    m:stats                 → counters
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+
+from streams.core.ids import derive_profile_id, derive_split_id
+from streams.core.rules import RULE_GENERIC, Refusal, Rules, check_attach, check_merge
+from streams.core.state import (
+    ACTIVE,
+    ERASED,
+    MERGED,
+    R_LAST,
+    R_NB,
+    R_ORIGIN,
+    R_VERIFIED,
+    R_VIA,
+    IdentRecord,
+    ProfileState,
+)
+from streams.core.store import MemoryStore, Store
+from streams.events import Identifier, NormalizedEvent
+from streams.exceptions import UnknownProfileOrIdentifier
+
+__all__ = ["ChangeKind", "IdentityChange", "IdentityGraph", "LinkResult"]
+
+ORDER_TYPES = frozenset({"order_placed", "store_purchase"})
+ERASE_TYPE = "erase"
+
+
+class ChangeKind(StrEnum):
+    """What happened to a profile; the stream app maps each to an identity-change contract model."""
+
+    CREATED = "profile_created"
+    ATTACHED = "identifiers_attached"
+    MERGED = "profiles_merged"
+    REFUSED = "merge_refused"
+    SPLIT = "profile_split"
+    ERASED = "profile_erased"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChange:
+    """One identity change; `seq` counts changes per profile (1, 2, …) so consumers can order and dedupe."""
+
+    kind: ChangeKind
+    profile_id: str
+    seq: int
+    event_id: str | None
+    at_ms: int
+    payload: Mapping[str, Any]
+
+
+class LinkResult(NamedTuple):
+    """Result of linking one event: its profile (None if nothing usable), changes, anchoring identifier."""
+
+    profile_id: str | None
+    changes: tuple[IdentityChange, ...]
+    anchor: str | None = None
+
+
+_NO_CHANGES: tuple[IdentityChange, ...] = ()
+_NOTHING = LinkResult(None, _NO_CHANGES, None)
+_STATS_KEY = b"m:stats"
+
+
+def _nb_code(ident: Identifier) -> int:
+    """Neighbour code: 16-bit tag of the type, 32-bit crc of the key (no raw value kept)."""
+    return ((zlib.crc32(ident.type.encode()) & 0xFFFF) << 32) | zlib.crc32(ident.key.encode())
+
+
+def _corroborated(side_a: list[Identifier], side_b: list[Identifier], prior: dict[str, list[int]]) -> bool:
+    """Whether a value on one side had already been seen with a strong value of the other (earlier event)."""
+    if not prior:
+        return False
+    for xs, ys in ((side_a, side_b), (side_b, side_a)):
+        for x in xs:
+            nb = prior.get(x.key)
+            if nb and any(_nb_code(y) in nb for y in ys):
+                return True
+    return False
+
+
+class _Pending:
+    """A deferred refusal, emitted at the end of `link` against the event's final profile."""
+
+    __slots__ = ("detail", "identifiers", "other", "rule")
+
+    def __init__(self, refusal: Refusal, identifiers: list[str], other: str | None) -> None:
+        self.rule = refusal.rule
+        self.detail = refusal.detail
+        self.identifiers = identifiers
+        self.other = other
+
+
+class IdentityGraph:
+    """Deterministic stitching over a Store: link, lookup, explain, split, erase.
+
+    Reads go through a two-generation in-memory cache (young/old dicts, rotated when young exceeds
+    `cache_profiles`) and writes are buffered and written as one batch every `flush_every` events, so the
+    common event (known identifiers, one profile, nothing to decide) touches only dicts.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        rules: Rules | None = None,
+        *,
+        cache_profiles: int = 100_000,
+        flush_every: int = 20_000,
+        history: bool = True,
+        on_event: Callable[[ProfileState, NormalizedEvent], None] | None = None,
+    ) -> None:
+        self.store: Store = store if store is not None else MemoryStore()
+        self.rules = rules if rules is not None else Rules()
+        self._rank = self.rules.rank
+        self._unranked = len(self._rank)
+        self._cache_profiles = max(cache_profiles, 1)
+        self._flush_every = max(flush_every, 1)
+        self._history = history
+        self._on_event = on_event
+        self._p_young: dict[str, ProfileState] = {}
+        self._p_old: dict[str, ProfileState] = {}
+        self._i_young: dict[str, str] = {}  # "" = known absent (deleted since the last flush)
+        self._i_old: dict[str, str] = {}
+        self._dirty_p: dict[str, ProfileState] = {}
+        self._dirty_i: dict[str, str | None] = {}
+        self._writes: list[tuple[bytes, bytes | None]] = []
+        self._since_flush = 0
+        self._generic: set[str] = {k[2:].decode() for k, _ in self.store.iter_prefix(b"g:")}
+        raw = self.store.get(_STATS_KEY)
+        self.stats: dict[str, Any] = orjson.loads(raw) if raw else {}
+        for name in ("events", "profiles_created", "profiles_live", "merges", "splits", "erased", "generic"):
+            self.stats.setdefault(name, 0)
+        self.stats.setdefault("refusals", {})
+
+    @property
+    def cache_profiles(self) -> int:
+        """How many profiles the hot cache keeps decoded before rotating."""
+        return self._cache_profiles
+
+    # ------------------------------------------------------------------------------------------------
+    # cache / store plumbing
+
+    def _get_profile(self, pid: str) -> ProfileState | None:
+        p = self._p_young.get(pid)
+        if p is None:
+            p = self._p_old.pop(pid, None)
+            if p is None:
+                raw = self.store.get(b"p:" + pid.encode())
+                if raw is None:
+                    return None
+                p = ProfileState.decode(raw)
+            self._p_young[pid] = p
+        return p
+
+    def _live(self, pid: str) -> ProfileState | None:
+        """Follow merged_into to the live (or erased) profile."""
+        p = self._get_profile(pid)
+        while p is not None and p.status == MERGED and p.merged_into is not None:
+            p = self._get_profile(p.merged_into)
+        return p
+
+    def _owner(self, key: str) -> str | None:
+        pid = self._i_young.get(key)
+        if pid is None:
+            pid = self._i_old.pop(key, None)
+            if pid is None:
+                raw = self.store.get(b"i:" + key.encode())
+                if raw is None:
+                    return None
+                pid = raw.decode()
+            self._i_young[key] = pid
+        return pid or None
+
+    def _set_owner(self, key: str, pid: str | None) -> None:
+        self._i_young[key] = pid or ""
+        self._dirty_i[key] = pid
+
+    def _touch(self, p: ProfileState) -> None:
+        self._dirty_p[p.id] = p
+
+    def flush(self) -> None:
+        """Write every buffered change to the store in one batch, then trim the cache."""
+        items: list[tuple[bytes, bytes | None]] = [
+            (b"p:" + pid.encode(), p.encode()) for pid, p in self._dirty_p.items()
+        ]
+        items.extend(
+            (b"i:" + key.encode(), None if pid is None else pid.encode())
+            for key, pid in self._dirty_i.items()
+        )
+        items.extend(self._writes)
+        items.append((_STATS_KEY, orjson.dumps(self.stats)))
+        self.store.write_batch(items)
+        self._dirty_p.clear()
+        self._dirty_i.clear()
+        self._writes = []
+        self._since_flush = 0
+        if len(self._p_young) > self._cache_profiles:
+            self._p_old, self._p_young = self._p_young, {}
+        if len(self._i_young) > 4 * self._cache_profiles:
+            self._i_old, self._i_young = self._i_young, {}
+
+    def close(self) -> None:
+        """Flush and close the store."""
+        self.flush()
+        self.store.close()
+
+    # ------------------------------------------------------------------------------------------------
+    # changes
+
+    def _emit(
+        self,
+        out: list[IdentityChange],
+        p: ProfileState,
+        kind: ChangeKind,
+        ev_id: str | None,
+        at: int,
+        payload: dict[str, Any],
+    ) -> None:
+        p.seq += 1
+        change = IdentityChange(kind, p.id, p.seq, ev_id, at, payload)
+        out.append(change)
+        self._touch(p)
+        if self._history:
+            hkey = f"h:{p.id}:{p.seq:010d}"
+            self._writes.append(
+                (hkey.encode(), orjson.dumps({"k": kind.value, "e": ev_id, "t": at, **payload}))
+            )
+            if kind is ChangeKind.REFUSED:
+                # so erasing one of the named identifiers can find and drop this entry
+                for key in payload.get("identifiers", ()):
+                    self._writes.append((f"r:{key}:{p.id}:{p.seq:010d}".encode(), hkey.encode()))
+
+    def _refused(self, rule: str) -> None:
+        refusals = self.stats["refusals"]
+        refusals[rule] = refusals.get(rule, 0) + 1
+
+    # ------------------------------------------------------------------------------------------------
+    # link
+
+    def link_many(self, events: Iterable[NormalizedEvent]) -> Iterator[LinkResult]:
+        """Batch path: link events in order (writes go out in batches), flushing at the end."""
+        link = self.link
+        for ev in events:
+            yield link(ev)
+        self.flush()
+
+    def link(self, ev: NormalizedEvent) -> LinkResult:
+        """Stitch one event: attach, create or merge profiles as the rules allow; returns its profile."""
+        self.stats["events"] += 1
+        self._since_flush += 1
+        if self._since_flush >= self._flush_every:
+            self.flush()
+        if ev.type == ERASE_TYPE:
+            return self._erase_event(ev)
+        # hot path: every identifier known, none generic, all in one live profile; pure dict lookups, the
+        # anchor is the identifier of best (rank, key) — no sorting, no lists
+        generic = self._generic
+        i_young = self._i_young
+        rank = self._rank
+        unranked = self._unranked
+        first: str | None = None
+        anchor = ""
+        best = -1
+        for ident in ev.identifiers:
+            key = ident.key
+            pid = i_young.get(key)
+            if pid is None:
+                pid = self._owner(key)
+            if not pid or key in generic or (first is not None and pid != first):
+                break
+            first = pid
+            r = rank.get(ident.type, unranked)
+            if best < 0 or r < best or (r == best and key < anchor):
+                best = r
+                anchor = key
+        else:
+            if first is not None:
+                p = self._p_young.get(first)
+                if p is None:
+                    p = self._get_profile(first)
+                if p is not None and p.status == ACTIVE:
+                    at = ev.occurred_at_ms
+                    ids = p.ids
+                    for ident in ev.identifiers:
+                        rec = ids[ident.key]
+                        if at > rec[R_LAST]:
+                            rec[R_LAST] = at
+                        if ident.verified and not rec[R_VERIFIED]:
+                            rec[R_VERIFIED] = True
+                    self._aggregate(p, ev)
+                    return LinkResult(first, _NO_CHANGES, anchor)
+        # ("key", Identifier) in priority order, generic values left out
+        ordered = sorted(((rank.get(i.type, unranked), i.key), i) for i in ev.identifiers)
+        keys: list[str] = []
+        idents: list[Identifier] = []
+        prev = None
+        for rk, ident in ordered:
+            key = rk[1]
+            if key not in generic and key != prev:
+                keys.append(key)
+                idents.append(ident)
+            prev = key
+        if not keys:
+            return _NOTHING
+        owner = self._owner
+        owners = [owner(k) for k in keys]
+        return self._link_slow(ev, keys, idents, owners)
+
+    def _aggregate(self, p: ProfileState, ev: NormalizedEvent) -> None:
+        at = ev.occurred_at_ms
+        p.events += 1
+        if at > p.last_ms:
+            p.last_ms = at
+        if at < p.first_ms:
+            p.first_ms = at
+        slot = p.channels.get(ev.channel)
+        if slot is None:
+            p.channels[ev.channel] = [1, at]
+        else:
+            slot[0] += 1
+            if at > slot[1]:
+                slot[1] = at
+        slot = p.sources.get(ev.source)
+        if slot is None:
+            p.sources[ev.source] = [1, at]
+        else:
+            slot[0] += 1
+            if at > slot[1]:
+                slot[1] = at
+        if ev.type in ORDER_TYPES:
+            p.orders += 1
+            attrs = ev.attributes
+            total = attrs.get("total")
+            if total is not None:
+                cur = str(attrs.get("currency") or "XXX")
+                try:
+                    amount = total if isinstance(total, Decimal) else Decimal(str(total))
+                except InvalidOperation:
+                    amount = None
+                if amount is not None:
+                    p.revenue[cur] = p.revenue.get(cur, Decimal(0)) + amount
+        if self._on_event is not None:
+            self._on_event(p, ev)
+        self._dirty_p[p.id] = p
+
+    def _track_generic(
+        self,
+        keys: list[str],
+        idents: list[Identifier],
+        owners: list[str | None],
+        new_nb: dict[str, list[int]],
+    ) -> list[int]:
+        """Record strong neighbours seen across profile boundaries; return indices of values now generic."""
+        rules = self.rules
+        gmax = rules.generic_max
+        gtypes = rules.generic_types
+        mark = rules.generic_active
+        strong = [(j, _nb_code(i), i.type) for j, i in enumerate(idents) if i.type in gmax]
+        if not strong:
+            return []
+        became: list[int] = []
+        for xi, ident in enumerate(idents):
+            if ident.type not in gtypes:
+                continue
+            ox = owners[xi]
+            add = [(code, t) for j, code, t in strong if j != xi and (ox is None or owners[j] != ox)]
+            if not add:
+                continue
+            if ox is None:
+                nb = new_nb.setdefault(keys[xi], [])
+            else:
+                p = self._get_profile(ox)
+                if p is None:  # pragma: no cover - index and profiles are written together
+                    continue
+                rec = p.ids[keys[xi]]
+                nb = rec[R_NB]
+                if nb is None:
+                    nb = rec[R_NB] = []
+                self._touch(p)
+            for code, t in add:
+                if code not in nb:
+                    nb.append(code)
+                tag = code >> 32
+                if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
+                    became.append(xi)
+                    break
+        return became
+
+    def _link_slow(
+        self, ev: NormalizedEvent, keys: list[str], idents: list[Identifier], owners: list[str | None]
+    ) -> LinkResult:
+        rules = self.rules
+        at = ev.occurred_at_ms
+        ev_id = ev.event_id
+        changes: list[IdentityChange] = []
+        deferred: list[_Pending] = []
+        new_nb: dict[str, list[int]] = {}
+
+        # step "evidence": what each known soft value had been seen with before this event; only merges of two
+        # existing profiles need it (the event's brand-new identifiers joining one profile are an attach)
+        seen_with: dict[str, list[int]] = {}
+        if rules.corroborate_active and len(keys) > 1:
+            for key, own in zip(keys, owners, strict=True):
+                if own is not None:
+                    op = self._get_profile(own)
+                    rec = op.ids.get(key) if op is not None else None
+                    if rec is not None and rec[R_NB]:
+                        seen_with[key] = list(rec[R_NB])
+
+        # step "generic": values seen with too many strong identifiers stop linking, for good
+        if rules.tracks_neighbours and len(keys) > 1:
+            became = self._track_generic(keys, idents, owners, new_nb)
+            if became:
+                for xi in became:
+                    key = keys[xi]
+                    self._generic.add(key)
+                    self._writes.append((b"g:" + key.encode(), b"1"))
+                    self.stats["generic"] += 1
+                    self._refused(RULE_GENERIC)
+                    deferred.append(
+                        _Pending(
+                            Refusal(RULE_GENERIC, "value seen with too many distinct strong identifiers"),
+                            [key],
+                            owners[xi],
+                        )
+                    )
+                drop = set(became)
+                keys = [k for i, k in enumerate(keys) if i not in drop]
+                idents = [x for i, x in enumerate(idents) if i not in drop]
+                owners = [o for i, o in enumerate(owners) if i not in drop]
+                if not keys:
+                    return LinkResult(
+                        None, tuple(self._flush_deferred(changes, deferred, None, ev_id, at)), None
+                    )
+
+        # step "anchor": the highest-priority identifier decides the event's profile
+        pending: ProfileState | None = None
+        anchor_owner = owners[0]
+        target: ProfileState | None = None
+        if anchor_owner is not None:
+            target = self._get_profile(anchor_owner)
+        if target is None or target.status != ACTIVE:
+            pending = ProfileState(self._fresh_id(ev_id, at), at)
+            pending.add_identifier(keys[0], self._record(idents[0], ev, pending.id, new_nb.get(keys[0])))
+            target = pending
+        side_t: list[Identifier] = [idents[0]]
+        handled: dict[str, _Pending | None] = {}  # other profile id → its refusal (None = merged)
+        missing = _Pending(Refusal("", ""), [], None)
+
+        # step "link": each further identifier in priority order joins, merges or is refused
+        for idx in range(1, len(keys)):
+            key = keys[idx]
+            ident = idents[idx]
+            own = self._owner(key)
+            if pending is not None and key in pending.ids:
+                continue
+            if own == target.id:
+                side_t.append(ident)
+                continue
+            if own is None:
+                refusal = check_attach(target, ident, rules, at)
+                if refusal is not None:
+                    self._refused(refusal.rule)
+                    deferred.append(_Pending(refusal, [key], None))
+                    continue
+                rec = self._record(ident, ev, target.id, new_nb.get(key))
+                if pending is not None:
+                    pending.add_identifier(key, rec)
+                else:
+                    target.add_identifier(key, rec)
+                    self._set_owner(key, target.id)
+                    self._emit(
+                        changes,
+                        target,
+                        ChangeKind.ATTACHED,
+                        ev_id,
+                        at,
+                        {"identifier": key, "bridge": [i.key for i in side_t]},
+                    )
+                side_t.append(ident)
+                continue
+            prior = handled.get(own, missing)
+            if prior is not missing:
+                if prior is not None:
+                    prior.identifiers.append(key)
+                continue
+            other = self._get_profile(own)
+            if other is None or other.status != ACTIVE:  # pragma: no cover - index points at live profiles
+                continue
+            side_o = [idents[j] for j in range(idx, len(keys)) if self._owner(keys[j]) == own]
+            self._refresh_apart(target)
+            self._refresh_apart(other)
+            refusal = check_merge(
+                target,
+                other,
+                side_t,
+                side_o,
+                rules,
+                at,
+                corroborated=pending is not None or _corroborated(side_t, side_o, seen_with),
+            )
+            if refusal is not None:
+                self._refused(refusal.rule)
+                entry = _Pending(refusal, [key], other.id)
+                handled[own] = entry
+                deferred.append(entry)
+                continue
+            handled[own] = None
+            bridge_t = [i.key for i in side_t]
+            bridge_o = [i.key for i in side_o]
+            if pending is not None:
+                # the event's new identifiers join an existing profile: no profile is created
+                for pkey, prec in pending.ids.items():
+                    prec[R_ORIGIN] = other.id
+                    other.add_identifier(pkey, prec)
+                    self._set_owner(pkey, other.id)
+                    self._emit(
+                        changes,
+                        other,
+                        ChangeKind.ATTACHED,
+                        ev_id,
+                        at,
+                        {"identifier": pkey, "bridge": bridge_o},
+                    )
+                target = other
+                pending = None
+            else:
+                target = self._merge(changes, target, other, ev_id, at, bridge_t, bridge_o)
+            side_t.extend(side_o)
+
+        if pending is not None:
+            # step "create": nothing known joined, the event starts a profile
+            target = pending
+            self._p_young[target.id] = target
+            for key in target.ids:
+                self._set_owner(key, target.id)
+            self.stats["profiles_created"] += 1
+            self.stats["profiles_live"] += 1
+            self._emit(
+                changes,
+                target,
+                ChangeKind.CREATED,
+                ev_id,
+                at,
+                {"identifiers": sorted(target.ids), "anchor": keys[0]},
+            )
+
+        # step "touch": identifiers of the event now in the target get last seen / verified
+        ids = target.ids
+        for key, ident in zip(keys, idents, strict=True):
+            trec = ids.get(key)
+            if trec is not None:
+                if at > trec[R_LAST]:
+                    trec[R_LAST] = at
+                if ident.verified and not trec[R_VERIFIED]:
+                    trec[R_VERIFIED] = True
+        self._aggregate(target, ev)
+        return LinkResult(
+            target.id, tuple(self._flush_deferred(changes, deferred, target, ev_id, at)), keys[0]
+        )
+
+    def _flush_deferred(
+        self,
+        changes: list[IdentityChange],
+        deferred: list[_Pending],
+        target: ProfileState | None,
+        ev_id: str,
+        at: int,
+    ) -> list[IdentityChange]:
+        for d in deferred:
+            holder = target
+            if holder is None and d.other is not None:
+                holder = self._live(d.other)
+            if holder is None or holder.status != ACTIVE:
+                # nothing to pin it on (e.g. an unowned value turned generic): counted in stats only
+                continue
+            self._emit(
+                changes,
+                holder,
+                ChangeKind.REFUSED,
+                ev_id,
+                at,
+                {
+                    "rule": d.rule,
+                    "detail": d.detail,
+                    "identifiers": sorted(d.identifiers),
+                    "other_profile_id": d.other,
+                },
+            )
+        return changes
+
+    def _fresh_id(self, ev_id: str, at: int) -> str:
+        """The event's derived profile id; salted if taken (a repeated event_id with other identifiers)."""
+        pid = derive_profile_id(ev_id, at)
+        n = 0
+        while self._get_profile(pid) is not None:
+            n += 1
+            pid = derive_profile_id(f"{ev_id}#{n}", at)
+        return pid
+
+    def _record(
+        self, ident: Identifier, ev: NormalizedEvent, origin: str, nb: list[int] | None
+    ) -> IdentRecord:
+        at = ev.occurred_at_ms
+        return [ident.type, at, at, ev.source, ident.verified, ev.event_id, origin, nb]
+
+    def _refresh_apart(self, p: ProfileState) -> None:
+        if p.apart:
+            live = []
+            for pid in p.apart:
+                q = self._live(pid)
+                if q is not None and q.status == ACTIVE and q.id not in live:
+                    live.append(q.id)
+            if tuple(live) != p.apart:
+                p.apart = tuple(live)
+                self._touch(p)
+
+    def _merge(
+        self,
+        changes: list[IdentityChange],
+        a: ProfileState,
+        b: ProfileState,
+        ev_id: str | None,
+        at: int,
+        bridge_a: list[str],
+        bridge_b: list[str],
+    ) -> ProfileState:
+        """Merge two live profiles: the smaller (older) id survives, the other becomes merged_into it."""
+        if b.id < a.id:
+            a, b = b, a
+            bridge_a, bridge_b = bridge_b, bridge_a
+        moved = sorted(b.ids)
+        a.absorb(b)
+        for key in moved:
+            self._set_owner(key, a.id)
+        b.status = MERGED
+        b.merged_into = a.id
+        b.ids = {}
+        b.types = {}
+        self._touch(b)
+        self.stats["merges"] += 1
+        self.stats["profiles_live"] -= 1
+        self._emit(
+            changes,
+            a,
+            ChangeKind.MERGED,
+            ev_id,
+            at,
+            {
+                "merged_profile_id": b.id,
+                "identifiers_moved": moved,
+                "bridge": bridge_a,
+                "bridge_other": bridge_b,
+            },
+        )
+        return a
+
+    # ------------------------------------------------------------------------------------------------
+    # queries
+
+    def lookup(self, identifier: str) -> str | None:
+        """Live profile id holding `identifier` ("type:value"), or None."""
+        pid = self._owner(identifier)
+        if pid is None:
+            return None
+        p = self._live(pid)
+        return p.id if p is not None and p.status == ACTIVE else None
+
+    def resolve(self, profile_id: str) -> str | None:
+        """Where an emitted profile id leads now (following merges): a live or erased id; None if unknown."""
+        p = self._live(profile_id)
+        return None if p is None else p.id
+
+    def profile(self, profile_id: str) -> ProfileState | None:
+        """The profile an id resolves to (live or erased tombstone), or None if never seen."""
+        return self._live(profile_id)
+
+    def is_generic(self, identifier: str) -> bool:
+        """Whether the value has been marked generic (it no longer links)."""
+        return identifier in self._generic
+
+    def final_profile(self, profile_id: str | None, anchor: str | None = None) -> str | None:
+        """The profile an event assigned to `profile_id` belongs to now: merges and splits followed.
+
+        None when the profile was erased, or when the event's anchoring identifier has since been found
+        generic (a shared tablet, a cashier's phone): whoever it was, it cannot be told any more, so the
+        event is no longer attributed. If the anchoring identifier has since been split off into a profile
+        descending from it, the event follows its identifier.
+        """
+        if profile_id is None or (anchor is not None and anchor in self._generic):
+            return None
+        p = self._live(profile_id)
+        if p is None or p.status != ACTIVE:
+            return None
+        if anchor is not None:
+            q_id = self.lookup(anchor)
+            if q_id is not None and q_id != p.id:
+                q = self._get_profile(q_id)
+                seen = 0
+                while q is not None and q.split_from is not None and seen < 64:
+                    parent = self._live(q.split_from)
+                    if parent is not None and parent.id == p.id:
+                        return q_id
+                    q = parent
+                    seen += 1
+        return p.id
+
+    def iter_identifiers(self) -> Iterator[tuple[str, str]]:
+        """Every stored (identifier, live profile id), in key order (flushes first)."""
+        self.flush()
+        for k, v in self.store.iter_prefix(b"i:"):
+            p = self._live(v.decode())
+            if p is not None and p.status == ACTIVE:
+                yield k[2:].decode(), p.id
+
+    def iter_profiles(self) -> Iterator[ProfileState]:
+        """Every live profile (flushes first)."""
+        self.flush()
+        for _, v in self.store.iter_prefix(b"p:"):
+            p = ProfileState.decode(v)
+            if p.status == ACTIVE:
+                yield self._get_profile(p.id) or p
+
+    def history(self, profile_id: str) -> list[dict[str, Any]]:
+        """The stored changes of one profile id (not following merges), oldest first."""
+        self.flush()
+        return [orjson.loads(v) for _, v in self.store.iter_prefix(f"h:{profile_id}:".encode())]
+
+    def explain(self, target: str) -> dict[str, Any]:
+        """Why an identifier sits in its profile, or how a profile came to be (see streams.core.explain)."""
+        from streams.core.explain import explain
+
+        return explain(self, target)
+
+    # ------------------------------------------------------------------------------------------------
+    # operator actions
+
+    def split(
+        self, profile_id: str, identifiers: Sequence[str], *, at_ms: int | None = None, reason: str = ""
+    ) -> tuple[str, tuple[IdentityChange, ...]]:
+        """Unmerge: move `identifiers` (and their future events) to a new profile that never re-merges."""
+        p = self._live(profile_id)
+        if p is None or p.status != ACTIVE:
+            raise UnknownProfileOrIdentifier(f"no live profile {profile_id}")
+        keys = sorted(set(identifiers))
+        missing = [k for k in keys if k not in p.ids]
+        if missing or not keys:
+            raise UnknownProfileOrIdentifier(f"not in profile {p.id}: {', '.join(missing) or '(none given)'}")
+        if len(keys) == len(p.ids):
+            raise ValueError("cannot split every identifier off a profile")
+        at = p.last_ms if at_ms is None else at_ms
+        n = ProfileState(derive_split_id(p.id, keys, p.seq, at), at)
+        n.split_from = p.id
+        for key in keys:
+            rec = p.remove_identifier(key)
+            assert rec is not None
+            rec[R_ORIGIN] = n.id
+            rec[R_VIA] = f"split:{p.id}"
+            n.add_identifier(key, rec)
+            self._set_owner(key, n.id)
+        n.apart = (p.id,)
+        p.apart = (*p.apart, n.id)
+        self._p_young[n.id] = n
+        self.stats["splits"] += 1
+        self.stats["profiles_created"] += 1
+        self.stats["profiles_live"] += 1
+        changes: list[IdentityChange] = []
+        self._emit(
+            changes,
+            p,
+            ChangeKind.SPLIT,
+            None,
+            at,
+            {"split_profile_id": n.id, "identifiers": keys, "reason": reason},
+        )
+        self._emit(
+            changes,
+            n,
+            ChangeKind.CREATED,
+            None,
+            at,
+            {"identifiers": keys, "split_from": p.id, "reason": reason},
+        )
+        return n.id, tuple(changes)
+
+    def erase(
+        self, target: str, *, event_id: str | None = None, at_ms: int = 0
+    ) -> tuple[IdentityChange, ...]:
+        """Right to be forgotten: erase a whole profile (by id), or one identifier ("type:value")."""
+        changes: list[IdentityChange] = []
+        p = self._live(target)
+        if p is not None:
+            if p.status == ACTIVE:
+                self._erase_profile(changes, p, event_id, at_ms)
+            return tuple(changes)
+        pid = self._owner(target)
+        if pid is None and target not in self._generic:
+            raise UnknownProfileOrIdentifier(f"unknown profile or identifier {target}")
+        self._erase_keys([target])
+        if pid is not None:
+            q = self._live(pid)
+            if q is not None and q.status == ACTIVE:
+                q.remove_identifier(target)
+                self._touch(q)
+                if not q.ids:
+                    self._erase_profile(changes, q, event_id, at_ms)
+                else:
+                    self._redact_history([q.id, *q.merged_from], target)
+        return tuple(changes)
+
+    def _redact_history(self, profile_ids: list[str], key: str) -> None:
+        """Replace an erased identifier in stored history entries by a placeholder."""
+        needle = key.encode()
+        quoted = orjson.dumps(key)
+        for pid in profile_ids:
+            for hkey, raw in list(self.store.iter_prefix(f"h:{pid}:".encode())):
+                if needle in raw:
+                    redacted: bytes = raw.replace(quoted, b'"<erased>"')
+                    self._writes.append((hkey, redacted))
+
+    def _erase_event(self, ev: NormalizedEvent) -> LinkResult:
+        changes: list[IdentityChange] = []
+        for ident in ev.identifiers:
+            key = ident.key
+            pid = self._owner(key)
+            if pid is not None:
+                p = self._live(pid)
+                if p is not None and p.status == ACTIVE:
+                    self._erase_profile(changes, p, ev.event_id, ev.occurred_at_ms)
+            self._erase_keys([key])
+        return LinkResult(None, tuple(changes), None)
+
+    def _erase_keys(self, keys: list[str]) -> None:
+        """Drop identifier-level traces: index entry, generic mark, refusals naming it elsewhere."""
+        self.flush()
+        for key in keys:
+            self._set_owner(key, None)
+            if key in self._generic:
+                self._generic.discard(key)
+                self._writes.append((b"g:" + key.encode(), None))
+            for rkey, hkey in list(self.store.iter_prefix(f"r:{key}:".encode())):
+                self._writes.append((rkey, None))
+                self._writes.append((hkey, None))
+
+    def _erase_profile(self, out: list[IdentityChange], p: ProfileState, ev_id: str | None, at: int) -> None:
+        keys = sorted(p.ids)
+        self._erase_keys(keys)
+        for pid in [p.id, *p.merged_from]:
+            for hkey, _ in list(self.store.iter_prefix(f"h:{pid}:".encode())):
+                self._writes.append((hkey, None))
+        p.wipe(ERASED)
+        p.seq += 1
+        self._touch(p)
+        self.stats["erased"] += 1
+        self.stats["profiles_live"] -= 1
+        out.append(IdentityChange(ChangeKind.ERASED, p.id, p.seq, ev_id, at, {}))

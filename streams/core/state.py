@@ -1,0 +1,250 @@
+"""Profile state: the per-profile summary the rules judge and the stream app publishes as a snapshot.
+
+Kept as one mutable slotted object per profile (no per-event allocation on the hot path) with a compact
+orjson encoding; identifier records are small lists indexed by the `R_*` constants.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "ACTIVE",
+    "ERASED",
+    "MERGED",
+    "R_FIRST",
+    "R_LAST",
+    "R_NB",
+    "R_ORIGIN",
+    "R_SOURCE",
+    "R_TYPE",
+    "R_VERIFIED",
+    "R_VIA",
+    "IdentRecord",
+    "ProfileState",
+]
+
+ACTIVE = "active"
+MERGED = "merged"
+ERASED = "erased"
+
+# Identifier record layout: [type, first_seen_ms, last_seen_ms, source, verified, via_event_id,
+#                            origin_profile_id, neighbours {strong type: [crc32, ...]} | None]
+R_TYPE, R_FIRST, R_LAST, R_SOURCE, R_VERIFIED, R_VIA, R_ORIGIN, R_NB = range(8)
+IdentRecord = list[Any]
+
+
+class ProfileState:
+    """One profile: status, identifiers with provenance, and activity aggregates.
+
+    Aggregates: events, orders, revenue per currency (Decimal in memory, string on disk), channels and
+    sources seen (count, last seen), first/last activity; `extra` is free for further aggregators.
+    """
+
+    __slots__ = (
+        "apart",
+        "channels",
+        "created_ms",
+        "events",
+        "extra",
+        "first_ms",
+        "id",
+        "ids",
+        "last_ms",
+        "merged_from",
+        "merged_into",
+        "orders",
+        "revenue",
+        "seq",
+        "sources",
+        "split_from",
+        "status",
+        "types",
+    )
+
+    def __init__(self, profile_id: str, created_ms: int) -> None:
+        self.id = profile_id
+        self.status = ACTIVE
+        self.merged_into: str | None = None
+        self.seq = 0
+        self.created_ms = created_ms
+        self.first_ms = created_ms
+        self.last_ms = created_ms
+        self.events = 0
+        self.orders = 0
+        self.revenue: dict[str, Decimal] = {}
+        self.channels: dict[str, list[int]] = {}
+        self.sources: dict[str, list[int]] = {}
+        self.ids: dict[str, IdentRecord] = {}
+        self.types: dict[str, int] = {}
+        self.apart: tuple[str, ...] = ()  # tuples: most profiles never need them, () is shared
+        self.merged_from: tuple[str, ...] = ()
+        self.split_from: str | None = None
+        self.extra: dict[str, Any] = {}
+
+    def wipe(self, status: str) -> None:
+        """Drop every identifier and aggregate (erase), keeping id and seq."""
+        seq = self.seq
+        self.__init__(self.id, 0)  # type: ignore[misc]
+        self.status = status
+        self.seq = seq
+
+    # --- identifiers -------------------------------------------------------------------------------
+
+    def add_identifier(self, key: str, record: IdentRecord) -> None:
+        """Attach one identifier record (caller has checked the rules)."""
+        self.ids[key] = record
+        t = record[R_TYPE]
+        self.types[t] = self.types.get(t, 0) + 1
+
+    def remove_identifier(self, key: str) -> IdentRecord | None:
+        """Detach one identifier, returning its record."""
+        record = self.ids.pop(key, None)
+        if record is not None:
+            t = record[R_TYPE]
+            n = self.types.get(t, 0) - 1
+            if n > 0:
+                self.types[t] = n
+            else:
+                self.types.pop(t, None)
+        return record
+
+    def count_type(self, id_type: str, since_ms: int | None = None) -> int:
+        """Distinct identifiers of `id_type`; with `since_ms`, only those seen at or after it."""
+        if since_ms is None:
+            return self.types.get(id_type, 0)
+        return sum(1 for r in self.ids.values() if r[R_TYPE] == id_type and r[R_LAST] >= since_ms)
+
+    def has_type_in(self, types: frozenset[str]) -> bool:
+        """Whether the profile holds any identifier of one of `types`."""
+        return any(t in types for t in self.types)
+
+    def has_verified(self) -> bool:
+        """Whether any held identifier has been seen verified."""
+        return any(r[R_VERIFIED] for r in self.ids.values())
+
+    def identifiers_by_type(self) -> dict[str, list[str]]:
+        """Identifier keys grouped by type, sorted: the snapshot view."""
+        out: dict[str, list[str]] = {}
+        for key in sorted(self.ids):
+            out.setdefault(self.ids[key][R_TYPE], []).append(key)
+        return out
+
+    # --- aggregates --------------------------------------------------------------------------------
+
+    def absorb(self, other: ProfileState) -> None:
+        """Fold `other`'s identifiers and aggregates into this profile (merge; `other` is the loser)."""
+        for key, record in other.ids.items():
+            self.add_identifier(key, record)
+        self.first_ms = min(self.first_ms, other.first_ms)
+        self.last_ms = max(self.last_ms, other.last_ms)
+        self.events += other.events
+        self.orders += other.orders
+        for cur, amount in other.revenue.items():
+            self.revenue[cur] = self.revenue.get(cur, Decimal(0)) + amount
+        for mine, theirs in ((self.channels, other.channels), (self.sources, other.sources)):
+            for name, (count, last) in theirs.items():
+                slot = mine.get(name)
+                if slot is None:
+                    mine[name] = [count, last]
+                else:
+                    slot[0] += count
+                    if last > slot[1]:
+                        slot[1] = last
+        if other.apart:
+            self.apart = (*self.apart, *(pid for pid in other.apart if pid not in self.apart))
+        self.merged_from = (*self.merged_from, *other.merged_from, other.id)
+        for k, v in other.extra.items():
+            self.extra.setdefault(k, v)
+
+    # --- encoding ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (revenue as strings): storage and snapshots."""
+        if self.status != ACTIVE:
+            return {"id": self.id, "st": self.status, "into": self.merged_into, "seq": self.seq}
+        return {
+            "id": self.id,
+            "st": self.status,
+            "seq": self.seq,
+            "c": self.created_ms,
+            "f": self.first_ms,
+            "l": self.last_ms,
+            "ev": self.events,
+            "o": self.orders,
+            "rev": {k: str(v) for k, v in self.revenue.items()},
+            "ch": self.channels,
+            "src": self.sources,
+            "ids": self.ids,
+            "ap": self.apart,
+            "mf": self.merged_from,
+            "sf": self.split_from,
+            "x": self.extra,
+        }
+
+    def encode(self) -> bytes:
+        """Compact bytes for the store."""
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProfileState:
+        """Inverse of `to_dict`."""
+        p = cls(d["id"], d.get("c", 0))
+        p.status = d["st"]
+        p.seq = d["seq"]
+        if p.status != ACTIVE:
+            p.merged_into = d.get("into")
+            return p
+        p.first_ms = d["f"]
+        p.last_ms = d["l"]
+        p.events = d["ev"]
+        p.orders = d["o"]
+        p.revenue = {k: Decimal(v) for k, v in d["rev"].items()}
+        p.channels = d["ch"]
+        p.sources = d["src"]
+        p.ids = d["ids"]
+        types: dict[str, int] = {}
+        for r in p.ids.values():
+            types[r[R_TYPE]] = types.get(r[R_TYPE], 0) + 1
+        p.types = types
+        p.apart = tuple(d["ap"])
+        p.merged_from = tuple(d["mf"])
+        p.split_from = d["sf"]
+        p.extra = d["x"]
+        return p
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ProfileState:
+        """Inverse of `encode`."""
+        return cls.from_dict(orjson.loads(raw))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Readable summary for snapshots and `explain`: identifiers with first/last seen, source."""
+        return {
+            "profile_id": self.id,
+            "status": self.status,
+            "merged_into": self.merged_into,
+            "seq": self.seq,
+            "first_activity_ms": self.first_ms,
+            "last_activity_ms": self.last_ms,
+            "events": self.events,
+            "orders": self.orders,
+            "revenue": {k: str(v) for k, v in sorted(self.revenue.items())},
+            "channels": {k: {"count": v[0], "last_seen_ms": v[1]} for k, v in sorted(self.channels.items())},
+            "sources": {k: {"count": v[0], "last_seen_ms": v[1]} for k, v in sorted(self.sources.items())},
+            "identifiers": {
+                key: {
+                    "type": r[R_TYPE],
+                    "first_seen_ms": r[R_FIRST],
+                    "last_seen_ms": r[R_LAST],
+                    "source": r[R_SOURCE],
+                    "verified": bool(r[R_VERIFIED]),
+                }
+                for key, r in sorted(self.ids.items())
+            },
+            "merged_from": list(self.merged_from),
+            "split_from": self.split_from,
+        }

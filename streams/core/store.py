@@ -1,0 +1,129 @@
+"""A tiny key-value store interface: the core runs the same over a dict (tests) and RocksDB (replay, app)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = ["MemoryStore", "RocksStore", "Store", "open_store"]
+
+_MEMTABLE_BYTES = 8 << 20
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Bytes in, bytes out; `write_batch` applies many puts/deletes atomically (value None = delete)."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def put(self, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def write_batch(self, items: Iterable[tuple[bytes, bytes | None]]) -> None: ...
+
+    def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Dict-backed store: the reference behaviour, and fast for tests."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        """Value for `key`, None when absent."""
+        return self._data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set one key."""
+        self._data[key] = bytes(memoryview(value))
+
+    def delete(self, key: bytes) -> None:
+        """Remove one key; absent keys are ignored."""
+        self._data.pop(key, None)
+
+    def write_batch(self, items: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """Apply puts and deletes in order."""
+        data = self._data
+        for key, value in items:
+            if value is None:
+                data.pop(key, None)
+            else:
+                # an exact-size copy: encoders may hand back over-allocated buffers
+                data[key] = bytes(memoryview(value))
+
+    def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with `prefix`, in byte order (as RocksDB returns them)."""
+        for key in sorted(k for k in self._data if k.startswith(prefix)):
+            value = self._data.get(key)
+            if value is not None:
+                yield key, value
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class RocksStore:
+    """rocksdict (RocksDB) store: persistent, survives restarts; batches go through one WriteBatch."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from rocksdict import Options, Rdict, WriteBatch
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        # small memtables: the graph batches its own writes, and RocksDB's 64 MB default per memtable would
+        # dominate the process's memory for a state of a few hundred MB
+        opts.set_write_buffer_size(_MEMTABLE_BYTES)
+        opts.set_max_write_buffer_number(2)
+        self._write_batch_cls = WriteBatch
+        self._db = Rdict(str(path), options=opts)
+        self._closed = False
+
+    def get(self, key: bytes) -> bytes | None:
+        """Value for `key`, None when absent."""
+        value = self._db.get(key)
+        return value if value is None else bytes(value)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set one key."""
+        self._db[key] = value
+
+    def delete(self, key: bytes) -> None:
+        """Remove one key; absent keys are ignored."""
+        self._db.delete(key)
+
+    def write_batch(self, items: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """Apply puts and deletes atomically in one RocksDB WriteBatch."""
+        batch = self._write_batch_cls(raw_mode=True)
+        put, delete = batch.put, batch.delete
+        for key, value in items:
+            if value is None:
+                delete(key)
+            else:
+                put(key, value)
+        self._db.write(batch)
+
+    def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with `prefix`, in byte order."""
+        for key, value in self._db.items(from_key=prefix):
+            assert isinstance(key, bytes)
+            if not key.startswith(prefix):
+                break
+            yield key, bytes(value)
+
+    def close(self) -> None:
+        """Flush and release the database (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+
+def open_store(path: str | os.PathLike[str] | None) -> Store:
+    """RocksStore at `path`, or a MemoryStore when `path` is None."""
+    return MemoryStore() if path is None else RocksStore(path)

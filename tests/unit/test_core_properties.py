@@ -1,0 +1,160 @@
+"""Property tests for the identity graph: components without protection, invariants with it, determinism."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+import networkx as nx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams.core import ChangeKind, IdentityGraph, RocksStore, Rules
+from streams.core.state import ACTIVE, ERASED
+from streams.events import Identifier, NormalizedEvent
+
+POOL = (
+    [f"customer_id:c{i}" for i in range(3)]
+    + [f"loyalty_card:l{i}" for i in range(3)]
+    + [f"phone:+7{i}" for i in range(4)]
+    + [f"email:e{i}@x.com" for i in range(5)]
+    + [f"device_id:d{i}" for i in range(4)]
+    + [f"cookie_id:k{i}" for i in range(6)]
+)
+
+_identifier = st.tuples(st.sampled_from(POOL), st.booleans())
+_event = st.tuples(
+    st.lists(_identifier, min_size=1, max_size=4, unique_by=lambda x: x[0]),
+    st.sampled_from(["page_view", "page_view", "page_view", "order_placed", "login"]),
+    st.integers(min_value=-5_000, max_value=5_000),  # out-of-order jitter
+)
+events_st = st.lists(_event, min_size=1, max_size=40)
+
+
+def build(spec: list[tuple[list[tuple[str, bool]], str, int]], erase_every: int = 0) -> list[NormalizedEvent]:
+    out = []
+    for n, (ids, etype, jitter) in enumerate(spec):
+        if erase_every and n and n % erase_every == 0:
+            etype = "erase"
+        idents = tuple(Identifier(k.split(":", 1)[0], k.split(":", 1)[1], v) for k, v in ids)
+        out.append(
+            NormalizedEvent(
+                event_id=f"ev{n}",
+                source="web",
+                channel="web",
+                type=etype,
+                occurred_at_ms=1_700_000_000_000 + n * 1_000 + jitter,
+                identifiers=idents,
+                attributes={"total": "1.5", "currency": "EUR"} if etype == "order_placed" else {},
+            )
+        )
+    return out
+
+
+def partition(g: IdentityGraph) -> set[frozenset[str]]:
+    groups: dict[str, set[str]] = defaultdict(set)
+    for key, pid in g.iter_identifiers():
+        groups[pid].add(key)
+    return {frozenset(v) for v in groups.values()}
+
+
+def run(g: IdentityGraph, events: list[NormalizedEvent]) -> list[Any]:
+    trace: list[Any] = []
+    for e in events:
+        r = g.link(e)
+        trace.append((r.profile_id, [(c.kind, c.profile_id, c.seq, dict(c.payload)) for c in r.changes]))
+    g.flush()
+    return trace
+
+
+@settings(max_examples=150, deadline=None)
+@given(events_st)
+def test_without_protection_profiles_are_connected_components(spec: Any) -> None:
+    events = build(spec)
+    g = IdentityGraph(rules=Rules.unprotected(), flush_every=7, cache_profiles=3)
+    run(g, events)
+    nxg = nx.Graph()
+    for e in events:
+        keys = [i.key for i in e.identifiers]
+        nxg.add_nodes_from(keys)
+        nxg.add_edges_from(itertools.pairwise(keys))
+    expected = {frozenset(c) for c in nx.connected_components(nxg)}
+    assert partition(g) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(events_st, st.sampled_from([0, 0, 7]))
+def test_with_protection_invariants_always_hold(spec: Any, erase_every: int) -> None:
+    rules = Rules()
+    events = build(spec, erase_every)
+    g = IdentityGraph(rules=rules, flush_every=5, cache_profiles=4)
+    emitted: set[str] = set()
+    for e in events:
+        r = g.link(e)
+        if r.profile_id:
+            emitted.add(r.profile_id)
+        for c in r.changes:
+            emitted.add(c.profile_id)
+            if c.kind is ChangeKind.MERGED:
+                emitted.add(c.payload["merged_profile_id"])
+    g.flush()
+    seen: dict[str, str] = {}
+    for p in g.iter_profiles():
+        assert p.ids, "live profiles are never empty"
+        for key in p.ids:
+            assert key not in seen, f"{key} in two live profiles"
+            seen[key] = p.id
+            assert g.lookup(key) == p.id
+        for t, lim in rules.limits.items():
+            assert p.count_type(t) <= lim.max, f"limit {t} exceeded"
+        assert rules.max_identifiers is None or len(p.ids) <= rules.max_identifiers
+        for t in rules.unique_types:
+            assert p.types.get(t, 0) <= 1
+    assert dict(g.iter_identifiers()) == seen
+    for pid in emitted:
+        final = g.profile(pid)
+        assert final is not None and final.status in (ACTIVE, ERASED), pid
+
+
+@settings(max_examples=60, deadline=None)
+@given(events_st)
+def test_same_input_same_output(spec: Any) -> None:
+    events = build(spec, erase_every=11)
+    a = run(IdentityGraph(flush_every=3, cache_profiles=2), events)
+    b = run(IdentityGraph(flush_every=1000), events)
+    assert a == b
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events_st)
+def test_memory_and_rocksdb_backends_agree(spec: Any) -> None:
+    events = build(spec, erase_every=13)
+    mem = IdentityGraph(flush_every=4)
+    trace_mem = run(mem, events)
+    with tempfile.TemporaryDirectory() as d:
+        rocks = IdentityGraph(RocksStore(d), flush_every=4, cache_profiles=2)
+        trace_rocks = run(rocks, events)
+        assert trace_mem == trace_rocks
+        assert dict(mem.iter_identifiers()) == dict(rocks.iter_identifiers())
+        rocks.close()
+
+
+def test_restart_on_rocksdb_continues_where_it_stopped(tmp_path: Any) -> None:
+    spec = [([(k, False)], "page_view", 0) for k in POOL] + [
+        ([(POOL[i], False), (POOL[i + 7], True)], "login", 0) for i in range(0, len(POOL) - 7, 2)
+    ]
+    events = build(spec)
+    one = IdentityGraph()
+    trace_one = run(one, events)
+    half = len(events) // 2
+    first = IdentityGraph(RocksStore(tmp_path / "s"), flush_every=3)
+    trace = run(first, events[:half])
+    first.close()
+    second = IdentityGraph(RocksStore(tmp_path / "s"), flush_every=3)
+    trace += run(second, events[half:])
+    assert trace == trace_one
+    assert dict(second.iter_identifiers()) == dict(one.iter_identifiers())
+    assert second.stats["events"] == len(events)
+    second.close()
