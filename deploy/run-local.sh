@@ -22,12 +22,13 @@ trap cleanup EXIT INT TERM
 if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
   started_broker=1
   KAFKA_BOOTSTRAP=$("$PY" deploy/kafka/localkafka.py up --state-dir .run/kafka --port 9092)
+  rm -rf "$RUN_DIR/worker"  # a fresh broker has no changelogs: local table state from an old run must go too
 fi
 export KAFKA_BOOTSTRAP
 export OMNISTITCH_DATA_DIR=${OMNISTITCH_DATA_DIR:-$RUN_DIR/worker}
 echo "broker: $KAFKA_BOOTSTRAP"
 
-"$OMNI" topics create
+"$OMNI" topics create >/dev/null
 "$OMNI" worker --loglevel warn >"$RUN_DIR/worker.log" 2>&1 &
 pids+=($!)
 echo "worker started (log: $RUN_DIR/worker.log, metrics: http://127.0.0.1:${OMNISTITCH_WEB_PORT:-6066}/metrics)"
@@ -35,11 +36,16 @@ echo "worker started (log: $RUN_DIR/worker.log, metrics: http://127.0.0.1:${OMNI
 "$OMNI" watch --from-beginning &
 pids+=($!)
 
-"$OMNI" produce deploy/demo/kolya.jsonl --source-from-event
+# Kolya: a pizzeria purchase, a web cart, then the app login that shows they are one person
+for source in pos web app; do
+  grep "\"source\":\"$source\"" deploy/demo/kolya.jsonl | "$OMNI" produce - --source "$source" --no-progress
+  sleep 2
+done
+# then a small simulated population, at a gentle rate, through every channel's raw topic
 "$OMNI" simulate --people 200 --days 3 --seed 7 --out "$RUN_DIR/demo" >/dev/null
 for file in "$RUN_DIR"/demo/raw.*.jsonl; do
-  source=$(basename "$file" .jsonl); source=${source#raw.}
-  "$OMNI" produce "$file" --source "$source" --rate 200 >/dev/null &
+  source=$(basename "$file" .jsonl)
+  "$OMNI" produce "$file" --source "${source#raw.}" --rate 50 --no-progress >/dev/null &
   pids+=($!)
 done
 echo "demo events flowing; Ctrl-C to stop"

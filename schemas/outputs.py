@@ -50,7 +50,9 @@ class ResolvedEvent(BaseModel):
     model_config = _OPEN
 
     schema_version: Literal[1] = 1
-    profile_id: str
+    profile_id: str | None = Field(
+        description="The person; null when no identifier could link (all blocked, generic or refused)."
+    )
     event_id: str
     identifier_keys: list[_Key]
     dropped: list[DroppedIdentifier] = Field(default_factory=list)

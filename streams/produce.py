@@ -25,6 +25,7 @@ import orjson
 import typer
 
 from schemas.envelope import DEFAULT_IDENTIFIER_TYPES
+from schemas.topics import RAW_TOPIC_BY_SOURCE
 from streams.events import NormalizedEvent
 from streams.exceptions import ErrorCode, InvalidEvent
 from streams.normalize import NormalizationSettings
@@ -206,7 +207,7 @@ class ChannelProducer:
         if rate is not None and rate <= 0:
             raise ValueError("rate must be positive (events per second) or None for as fast as possible")
         self.source = source
-        self.topic = topic or f"raw.{source}"
+        self.topic = topic or RAW_TOPIC_BY_SOURCE.get(source, f"raw.{source}")
         self.bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP") or DEFAULT_BOOTSTRAP
         self.rate = rate
         self.check_source = check_source
@@ -430,8 +431,12 @@ def produce_command(
     files: Annotated[
         list[Path], typer.Argument(help="JSON-lines files of envelope-v1 events ('-' = stdin).")
     ],
-    source: Annotated[str, typer.Option(help="Channel source (pos, web, app, …): topic raw.<source>.")],
-    topic: Annotated[str | None, typer.Option(help="Override the topic (default raw.<source>).")] = None,
+    source: Annotated[
+        str, typer.Option(help="Channel source (pos, web, app, viber, …): its raw topic (viber → raw.sms).")
+    ],
+    topic: Annotated[
+        str | None, typer.Option(help="Override the topic (default: the source's raw topic).")
+    ] = None,
     bootstrap: Annotated[
         str | None, typer.Option(help=f"Bootstrap servers (default $KAFKA_BOOTSTRAP or {DEFAULT_BOOTSTRAP}).")
     ] = None,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from schemas.topics import DLQ, EVENTS_RESOLVED, IDENTITY_CHANGES, PROFILES, TopicSpec
 from streams.config import AppSettings
+from streams.exceptions import ConfigError
 
 __all__ = ["create_topics", "raw_topic", "topic_plan"]
 
@@ -47,4 +48,17 @@ def create_topics(settings: AppSettings, timeout: float = 30.0) -> dict[str, str
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
             outcome[name] = "exists"
+    # faust's assignor silently skips co-partitioned topics whose partition count differs from the app's
+    # (the worker then reads nothing): refuse to start instead.
+    existing = admin.list_topics(timeout=timeout).topics
+    wrong = {
+        name: len(existing[name].partitions)
+        for name, parts, _ in plan
+        if len(existing[name].partitions) != parts
+    }
+    if wrong:
+        detail = ", ".join(f"{name} has {count}" for name, count in sorted(wrong.items()))
+        raise ConfigError(
+            f"topics must have OMNISTITCH_PARTITIONS={settings.partitions} partitions: {detail}"
+        )
     return outcome

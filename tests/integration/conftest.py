@@ -32,7 +32,9 @@ def _broker(command: str) -> str:
         check=False,
     )
     if result.returncode != 0:
-        pytest.fail(f"local Kafka broker '{command}' failed:\n{result.stdout}\n{result.stderr}", pytrace=False)
+        pytest.fail(
+            f"local Kafka broker '{command}' failed:\n{result.stdout}\n{result.stderr}", pytrace=False
+        )
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
 

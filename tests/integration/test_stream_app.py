@@ -1,0 +1,253 @@
+"""The stream app against the real broker: Kolya becomes one profile; bad input lands in the DLQ, named."""
+
+from __future__ import annotations
+
+import base64
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from tests.integration.kafkatools import read_topic
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Worker:
+    """One `omnistitch worker` process with its own app id, data dir and web port."""
+
+    def __init__(self, bootstrap: str, tmp: Path, app_id: str) -> None:
+        self.port = _free_port()
+        self.log = tmp / f"worker-{self.port}.log"
+        env = {
+            "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+            "KAFKA_BOOTSTRAP": bootstrap,
+            "OMNISTITCH_APP_ID": app_id,
+            "OMNISTITCH_DATA_DIR": str(tmp / f"data-{self.port}"),
+            "OMNISTITCH_WEB_PORT": str(self.port),
+        }
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker", "-l", "info"],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-4000:]
+            if "Worker ready" in self.log.read_text(errors="replace"):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"worker not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Worker]:
+    subprocess.run(
+        [sys.executable, "-m", "streams.cli", "topics", "create"],
+        env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    running = Worker(kafka_bootstrap, tmp_path, f"it-{uuid.uuid4().hex[:8]}")
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _values(bootstrap: str, topic: str) -> list[tuple[bytes | None, dict[str, Any] | None]]:
+    return [
+        (m.key(), None if m.value() is None else orjson.loads(m.value()))
+        for m in read_topic(bootstrap, topic)
+    ]
+
+
+def _send(bootstrap: str, topic: str, value: bytes, key: bytes | None = None) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "message.max.bytes": 4_000_000}
+    )
+    producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def _kolya(run: str) -> list[dict[str, Any]]:
+    """Pizzeria purchase, then web cart, then the app login that proves they are one person."""
+    phone = f"8 916 {random.randint(100, 999)}-{random.randint(10, 99)}-{random.randint(10, 99)}"
+    email = f"kolya.{run}@mail.ru"
+    base = {"schema_version": 1, "attributes": {}}
+    return [
+        {
+            **base,
+            "event_id": f"{run}-pos",
+            "source": "pos",
+            "channel": "store",
+            "type": "store_purchase",
+            "occurred_at": "2026-11-23T19:30:00+03:00",
+            "identifiers": [
+                {
+                    "type": "loyalty_card",
+                    "value": f"2000{random.randint(10**7, 10**8 - 1)}",
+                    "verified": True,
+                },
+                {"type": "phone", "value": phone},
+            ],
+            "attributes": {
+                "store_id": "msk-17",
+                "order_id": f"R-{run}",
+                "total": "1290.00",
+                "currency": "RUB",
+                "items": [{"product_id": "pepperoni-30", "qty": 1, "price": "1290.00"}],
+            },
+        },
+        {
+            **base,
+            "event_id": f"{run}-web",
+            "source": "web",
+            "channel": "site",
+            "type": "cart_updated",
+            "occurred_at": "2026-11-24T09:12:00+03:00",
+            "identifiers": [
+                {"type": "cookie_id", "value": f"ck-{run}"},
+                {"type": "email", "value": email.upper()},
+            ],
+            "attributes": {"items": [{"product_id": "pepperoni-30", "qty": 1, "price": "1290.00"}]},
+        },
+        {
+            **base,
+            "event_id": f"{run}-app",
+            "source": "app",
+            "channel": "mobile_app",
+            "type": "login",
+            "occurred_at": "2026-11-24T09:40:00+03:00",
+            "identifiers": [
+                {"type": "device_id", "value": f"dev-{run}"},
+                {"type": "phone", "value": phone},
+                {"type": "email", "value": email, "verified": True},
+            ],
+        },
+    ]
+
+
+def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None:
+    run = uuid.uuid4().hex[:10]
+    events = _kolya(run)
+    resolved: dict[str, dict[str, Any]] = {}
+    for event in events:
+        _send(kafka_bootstrap, f"raw.{event['source']}", orjson.dumps(event))
+
+        def seen(event_id: str = event["event_id"]) -> dict[str, Any] | None:
+            for _, value in _values(kafka_bootstrap, "events.resolved"):
+                if value and value["event_id"] == event_id:
+                    return value
+            return None
+
+        resolved[event["event_id"]] = _wait_for(f"resolved {event['event_id']}", seen)
+
+    pos, web, app = (resolved[f"{run}-{name}"] for name in ("pos", "web", "app"))
+    assert pos["profile_id"] != web["profile_id"]  # two people as far as anyone knew then
+    survivor = pos["profile_id"]  # the oldest profile survives
+    assert app["profile_id"] == survivor
+    assert f"email:kolya.{run}@mail.ru" in web["identifier_keys"]  # normalised before stitching
+
+    changes = [
+        v for _, v in _values(kafka_bootstrap, "identity.changes") if v and v["profile_id"] == survivor
+    ]
+    merged = [c for c in changes if c["kind"] == "profiles_merged"]
+    assert merged and merged[0]["merged"] == [web["profile_id"]]
+    assert [c["seq"] for c in changes] == sorted({c["seq"] for c in changes})
+
+    snapshots = _values(kafka_bootstrap, "profiles")
+    latest = {key: value for key, value in snapshots}
+    assert latest[web["profile_id"].encode()] is None  # merged away: tombstoned on the compacted topic
+    profile = latest[survivor.encode()]
+    assert profile is not None
+    assert set(profile["identifiers"]) == {"loyalty_card", "phone", "email", "cookie_id", "device_id"}
+    assert profile["orders"] == {"count": 1, "revenue": {"RUB": "1290.00"}}
+    assert set(profile["channels"]) == {"store", "site", "mobile_app"}
+    assert web["profile_id"] in profile["merged_from"]
+
+
+def test_bad_input_goes_to_dlq_with_original_bytes(worker: Worker, kafka_bootstrap: str) -> None:
+    run = uuid.uuid4().hex[:10]
+    bad = {
+        "not_json": f"{{not json {run}".encode(),
+        "not_utf8": b"\xff\xfe" + run.encode(),
+        "unknown_type": orjson.dumps(
+            {
+                "schema_version": 1,
+                "event_id": run,
+                "source": "web",
+                "channel": "site",
+                "type": "teleport",
+                "occurred_at": "2026-11-24T09:12:00+03:00",
+                "identifiers": [{"type": "cookie_id", "value": run}],
+            }
+        ),
+        "too_large": b'{"pad": "' + run.encode() + b"x" * 1_100_000 + b'"}',
+    }
+    for code, value in bad.items():
+        _send(kafka_bootstrap, "raw.web", value, key=f"{run}-{code}".encode())
+
+    def ours() -> dict[str, dict[str, Any]] | None:
+        found = {
+            key.decode().split("-", 1)[1]: value
+            for key, value in _values(kafka_bootstrap, "dlq")
+            if key and key.decode().startswith(run) and value
+        }
+        return found if len(found) == len(bad) else None
+
+    records = _wait_for("dlq records", ours)
+    for code, value in bad.items():
+        assert records[code]["error_code"] == code
+        assert base64.b64decode(records[code]["original_value_b64"]) == value
+        assert records[code]["source_topic"] == "raw.web" and records[code]["stage"] == "validate"
+    assert worker.proc.poll() is None  # bad input never stops the worker
+    metrics = worker.metrics()
+    for code in bad:
+        assert f'omnistitch_dlq_total{{code="{code}",stage="validate"}}' in metrics
