@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 __all__ = ["Identifier", "NormalizedEvent"]
 
 
@@ -47,3 +49,38 @@ class NormalizedEvent:
     def keys(self) -> tuple[str, ...]:
         """Identifier keys (`type:value`) in event order: what the graph links and resolved events list."""
         return tuple(identifier.key for identifier in self.identifiers)
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON for internal topics: carries only normalised (and, if enabled, hashed) identifiers."""
+        return orjson.dumps(
+            {
+                "i": self.event_id,
+                "s": self.source,
+                "c": self.channel,
+                "t": self.type,
+                "at": self.occurred_at_ms,
+                "ids": [(ident.type, ident.value, ident.verified) for ident in self.identifiers],
+                "a": self.attributes,
+                "cs": self.consent,
+                "d": self.dropped,
+                "e": self.envelope,
+            },
+            default=str,  # Decimal money travels as its exact string
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> NormalizedEvent:
+        """Inverse of `to_bytes` (money attributes come back as decimal strings, which the core accepts)."""
+        d = orjson.loads(raw)
+        return cls(
+            event_id=d["i"],
+            source=d["s"],
+            channel=d["c"],
+            type=d["t"],
+            occurred_at_ms=d["at"],
+            identifiers=tuple(Identifier(t, v, bool(verified)) for t, v, verified in d["ids"]),
+            attributes=d["a"],
+            consent=d["cs"],
+            dropped=tuple((t, r) for t, r in d["d"]),
+            envelope=d["e"],
+        )

@@ -9,7 +9,10 @@ from schemas.topics import DLQ, EVENTS_RESOLVED, IDENTITY_CHANGES, PROFILES, Top
 from streams.config import AppSettings
 from streams.exceptions import ConfigError
 
-__all__ = ["create_topics", "raw_topic", "topic_plan"]
+__all__ = ["DLQ_MAX_MESSAGE_BYTES", "create_topics", "raw_topic", "topic_plan"]
+
+# Above the broker's 2 MiB message.max.bytes: the base64 of any message the broker accepted still fits.
+DLQ_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def raw_topic(source: str) -> str:
@@ -23,9 +26,12 @@ def topic_plan(settings: AppSettings) -> list[tuple[str, int, dict[str, str]]]:
         (raw_topic(source), settings.partitions, {"cleanup.policy": "delete"}) for source in settings.sources
     ]
     outputs: list[TopicSpec] = [EVENTS_RESOLVED, PROFILES, IDENTITY_CHANGES, DLQ]
-    return raw + [
+    plan = raw + [
         (spec.name, settings.partitions, {"cleanup.policy": spec.cleanup_policy}) for spec in outputs
     ]
+    # a DLQ record carries the refused message base64-encoded (4/3 of its size): room for the largest one
+    plan[-1][2]["max.message.bytes"] = str(DLQ_MAX_MESSAGE_BYTES)
+    return plan
 
 
 def create_topics(settings: AppSettings, timeout: float = 30.0) -> dict[str, str]:

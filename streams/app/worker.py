@@ -6,7 +6,7 @@ Topology (every stage exactly-once: its sends and table writes commit with its i
       │ validate agent      shard: the raw partition (all partitions, all workers, in parallel)
       ├──▶ dlq              invalid message: DlqRecord with a named code and the original bytes
       ▼
-    <app>-stitch            value: the validated envelope bytes; ONE partition (interim, see README)
+    <app>-stitch            value: NormalizedEvent.to_bytes(); ONE partition (interim, see README)
       │ stitch agent        shard: the single stitch partition; graph table co-partitioned with it
       ├──▶ events.resolved  key: profile_id
       ├──▶ identity.changes key: profile_id
@@ -26,11 +26,12 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
-from streams.app.topics import raw_topic
+from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, raw_topic
 from streams.config import AppSettings
 from streams.core.graph import ChangeKind, IdentityGraph
 from streams.core.rules import Rules
 from streams.core.state import ProfileState
+from streams.events import NormalizedEvent
 from streams.exceptions import InvalidEvent
 from streams.normalize import NormalizationSettings
 from streams.publish import change_record, dlq_record, dumps, profile_record, resolved_record
@@ -93,7 +94,7 @@ def create_app(
         web_bind="127.0.0.1",
         key_serializer="raw",
         value_serializer="raw",
-        producer_max_request_size=4 * validator.settings.max_event_bytes,
+        producer_max_request_size=DLQ_MAX_MESSAGE_BYTES,
     )
     raw = app.topic(*(raw_topic(source) for source in settings.sources), key_type=bytes, value_type=bytes)
     dlq = app.topic("dlq", key_type=bytes, value_type=bytes)
@@ -132,8 +133,8 @@ def create_app(
             metrics.EVENTS_IN_TOTAL.labels(normalized.source, normalized.type).inc()
             for type_, reason in normalized.dropped:
                 metrics.IDENTIFIERS_DROPPED_TOTAL.labels(type_, reason).inc()
-            # (event_id, validated envelope bytes)
-            await stitch_in.send(key=normalized.event_id.encode(), value=value)
+            # (event_id, NormalizedEvent bytes: normalised and, if enabled, hashed identifiers only)
+            await stitch_in.send(key=normalized.event_id.encode(), value=normalized.to_bytes())
             yield None
 
     @app.agent(stitch_in)
@@ -151,7 +152,7 @@ def create_app(
             now_ms = int(time.time() * 1000)
             touched: dict[str, None] = {}
             for message in batch:
-                event = validator.validate(message.value)
+                event = NormalizedEvent.from_bytes(message.value)
                 result = graph.link(event)
                 for change in result.changes:
                     touched[change.profile_id] = None

@@ -1,4 +1,4 @@
-"""Integration fixtures: one real Kafka broker per session, started by the project itself (never mocked, never skipped)."""
+"""Integration fixtures: one real Kafka broker per session, started by the project, never mocked."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ TEST_BROKER_STATE = ROOT / ".run" / "test-kafka"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/integration needs the broker: mark it so `-m "not integration"` runs unit tests only."""
+    """Everything here needs the broker: marked, so `-m "not integration"` runs the unit tests only."""
     for item in items:
         if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
             item.add_marker(pytest.mark.integration)
@@ -40,7 +40,7 @@ def _broker(command: str) -> str:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """Bootstrap address of a real broker: `OMNISTITCH_TEST_BOOTSTRAP` if given, else one started for this session."""
+    """A real broker's address: `OMNISTITCH_TEST_BOOTSTRAP` if given, else one started for this session."""
     external = os.environ.get("OMNISTITCH_TEST_BOOTSTRAP")
     if external:
         yield external

@@ -1,4 +1,4 @@
-"""A minimal faust worker for the foundation test: aiokafka consumer, rocksdb (rocksdict) table, exactly-once."""
+"""A minimal faust worker for the foundation test: aiokafka consumer, rocksdict table, exactly-once."""
 
 from __future__ import annotations
 

@@ -32,7 +32,9 @@ def _free_port() -> int:
 class Worker:
     """One `omnistitch worker` process with its own app id, data dir and web port."""
 
-    def __init__(self, bootstrap: str, tmp: Path, app_id: str) -> None:
+    def __init__(
+        self, bootstrap: str, tmp: Path, app_id: str, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.port = _free_port()
         self.log = tmp / f"worker-{self.port}.log"
         env = {
@@ -41,7 +43,10 @@ class Worker:
             "OMNISTITCH_APP_ID": app_id,
             "OMNISTITCH_DATA_DIR": str(tmp / f"data-{self.port}"),
             "OMNISTITCH_WEB_PORT": str(self.port),
+            **(extra_env or {}),
         }
+        self.data_dir = Path(env["OMNISTITCH_DATA_DIR"])
+        self.app_id = app_id
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker", "-l", "info"],
@@ -75,7 +80,8 @@ class Worker:
 
 
 @pytest.fixture
-def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Worker]:
+def start_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Factory: a ready worker (own app id and data dir) with extra environment; all stopped at the end."""
     subprocess.run(
         [sys.executable, "-m", "streams.cli", "topics", "create"],
         env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
@@ -83,12 +89,24 @@ def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Worker]:
         check=True,
         capture_output=True,
     )
-    running = Worker(kafka_bootstrap, tmp_path, f"it-{uuid.uuid4().hex[:8]}")
-    try:
+    started: list[Worker] = []
+
+    def start(**extra_env: str) -> Worker:
+        running = Worker(kafka_bootstrap, tmp_path, f"it-{uuid.uuid4().hex[:8]}", extra_env)
+        started.append(running)
         running.wait_ready()
-        yield running
+        return running
+
+    try:
+        yield start
     finally:
-        running.stop()
+        for running in started:
+            running.stop()
+
+
+@pytest.fixture
+def worker(start_worker: Callable[..., Worker]) -> Worker:
+    return start_worker()
 
 
 def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
@@ -174,21 +192,25 @@ def _kolya(run: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None:
-    run = uuid.uuid4().hex[:10]
-    events = _kolya(run)
+def _resolve_all(bootstrap: str, events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Send events one at a time, each after the previous one is resolved, so their order is the story's."""
     resolved: dict[str, dict[str, Any]] = {}
     for event in events:
-        _send(kafka_bootstrap, f"raw.{event['source']}", orjson.dumps(event))
+        _send(bootstrap, f"raw.{event['source']}", orjson.dumps(event))
 
         def seen(event_id: str = event["event_id"]) -> dict[str, Any] | None:
-            for _, value in _values(kafka_bootstrap, "events.resolved"):
+            for _, value in _values(bootstrap, "events.resolved"):
                 if value and value["event_id"] == event_id:
                     return value
             return None
 
         resolved[event["event_id"]] = _wait_for(f"resolved {event['event_id']}", seen)
+    return resolved
 
+
+def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None:
+    run = uuid.uuid4().hex[:10]
+    resolved = _resolve_all(kafka_bootstrap, _kolya(run))
     pos, web, app = (resolved[f"{run}-{name}"] for name in ("pos", "web", "app"))
     assert pos["profile_id"] != web["profile_id"]  # two people as far as anyone knew then
     survivor = pos["profile_id"]  # the oldest profile survives
@@ -229,7 +251,7 @@ def test_bad_input_goes_to_dlq_with_original_bytes(worker: Worker, kafka_bootstr
                 "identifiers": [{"type": "cookie_id", "value": run}],
             }
         ),
-        "too_large": b'{"pad": "' + run.encode() + b"x" * 1_100_000 + b'"}',
+        "too_large": b'{"pad": "' + run.encode() + b"x" * 1_600_000 + b'"}',
     }
     for code, value in bad.items():
         _send(kafka_bootstrap, "raw.web", value, key=f"{run}-{code}".encode())
@@ -251,3 +273,35 @@ def test_bad_input_goes_to_dlq_with_original_bytes(worker: Worker, kafka_bootstr
     metrics = worker.metrics()
     for code in bad:
         assert f'omnistitch_dlq_total{{code="{code}",stage="validate"}}' in metrics
+
+
+def test_hashing_keeps_raw_phones_and_emails_out_of_tables_and_topics(
+    start_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    worker = start_worker(OMNISTITCH_HMAC_KEY="k" * 32)
+    run = uuid.uuid4().hex[:10]
+    events = _kolya(run)
+    resolved = _resolve_all(kafka_bootstrap, events)
+    assert all(r["profile_id"] for r in resolved.values())
+    worker.stop()  # RocksDB flushes its memtables to files on close
+
+    phone = events[0]["identifiers"][1]["value"]
+    e164 = "+7" + "".join(ch for ch in phone if ch.isdigit())[1:]
+    secrets = {e164.encode(), e164[1:].encode(), f"kolya.{run}@mail.ru".encode(), f"kolya.{run}".encode()}
+    files = [path for path in worker.data_dir.rglob("*") if path.is_file()]
+    assert files, "the worker wrote no table files"
+    for path in files:
+        content = path.read_bytes()
+        assert not [s for s in secrets if s in content], path
+    app_id = worker.app_id
+    topics = [
+        "events.resolved",
+        "identity.changes",
+        "profiles",
+        f"{app_id}-stitch",
+        f"{app_id}-graph-changelog",
+    ]
+    for topic in topics:
+        for message in read_topic(kafka_bootstrap, topic):
+            blob = (message.key() or b"") + (message.value() or b"")
+            assert not [s for s in secrets if s in blob], topic
