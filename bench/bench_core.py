@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_per_1m_identifiers": round((rss_core - rss_start) / identifiers * 1e6, 1)
         if identifiers
         else None,
+        "peak_rss_mb_per_1m_identifiers_total": round(rss_core / identifiers * 1e6, 1)
+        if identifiers
+        else None,
+        "rss_note": f"ru_maxrss of the whole process; events generated lazily, {CHUNK} held at a time",
         "rocksdb_bytes": db_bytes,
         "profiles_live": stats["profiles_live"],
         "merges": stats["merges"],

@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka (KRaft) on loopback, from Maven Central jars: no Docker, no apache.org.
 
-Used by `make kafka-up` / `make run` and by the integration tests' session fixture, so both run the same broker
-the same way. Every instance lives in its own state directory (config, data, logs, pid, bootstrap address).
+Used by `make kafka-up` / `make run` and by the integration tests' session fixture, so both run the same
+broker the same way. Each instance lives in its own state directory (config, data, logs, pid, address).
 
     python deploy/kafka/localkafka.py up   --state-dir .run/kafka [--port 9092]
     python deploy/kafka/localkafka.py down --state-dir .run/kafka
@@ -177,10 +177,12 @@ def down(state: Path, grace: float = 30.0) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["up", "down", "status", "classpath"])
     parser.add_argument("--state-dir", type=Path, default=Path(".run/kafka"))
-    parser.add_argument("--port", type=int, default=None, help="preferred broker port (falls back to a free one)")
+    parser.add_argument("--port", type=int, default=None, help="preferred port (else any free one)")
     parser.add_argument("--heap", default="1g")
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args()
@@ -193,7 +195,8 @@ def main() -> None:
         print(f"{len(_classpath().split(os.pathsep))} jars resolved")
     else:
         pid = _pid(state)
-        print(f"running pid={pid} bootstrap={(state / 'bootstrap').read_text().strip()}" if pid else "stopped")
+        bootstrap = (state / "bootstrap").read_text().strip() if pid else ""
+        print(f"running pid={pid} bootstrap={bootstrap}" if pid else "stopped")
         sys.exit(0 if pid else 1)
 
 

@@ -6,7 +6,7 @@ Item shapes:
 Store layout (all keys bytes, values orjson unless said):
     i:<type:value>          → live profile id (ascii)
     p:<profile id>          → ProfileState (tombstone when merged / erased)
-    g:<type:value>          → b"1"  (value marked generic)
+    g:<type:value>          → b"1" (value marked generic) or b"s" (weak value marked shared: a family tablet)
     h:<profile id>:<seq>    → one IdentityChange of that profile (the history `explain` reads)
     r:<type:value>:<n>      → key of a history entry of another profile that names this identifier
     m:stats                 → counters
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from streams.core.ids import derive_profile_id, derive_split_id
-from streams.core.rules import RULE_GENERIC, Refusal, Rules, check_attach, check_merge
+from streams.core.rules import RULE_GENERIC, RULE_SHARED, Refusal, Rules, check_attach, check_merge
 from streams.core.state import (
     ACTIVE,
     ERASED,
@@ -81,6 +81,10 @@ class LinkResult(NamedTuple):
 _NO_CHANGES: tuple[IdentityChange, ...] = ()
 _NOTHING = LinkResult(None, _NO_CHANGES, None)
 _STATS_KEY = b"m:stats"
+# neighbour codes (R_NB) with this tag are "people" a shared-type value was seen with: crc32 of the other
+# profile's id; the tag is above the 16 bits of a type tag, so generic counts and corroboration ignore it
+_PEOPLE_TAG = 1 << 16
+_SHARED_MARK = b"s"
 
 
 def _nb_code(ident: Identifier) -> int:
@@ -146,10 +150,24 @@ class IdentityGraph:
         self._dirty_i: dict[str, str | None] = {}
         self._writes: list[tuple[bytes, bytes | None]] = []
         self._since_flush = 0
-        self._generic: set[str] = {k[2:].decode() for k, _ in self.store.iter_prefix(b"g:")}
+        self._generic: set[str] = set()  # values that no longer link: generic, or shared (a subset)
+        self._shared: set[str] = set()
+        for k, v in self.store.iter_prefix(b"g:"):
+            self._generic.add(k[2:].decode())
+            if v == _SHARED_MARK:
+                self._shared.add(k[2:].decode())
         raw = self.store.get(_STATS_KEY)
         self.stats: dict[str, Any] = orjson.loads(raw) if raw else {}
-        for name in ("events", "profiles_created", "profiles_live", "merges", "splits", "erased", "generic"):
+        for name in (
+            "events",
+            "profiles_created",
+            "profiles_live",
+            "merges",
+            "splits",
+            "erased",
+            "generic",
+            "shared",
+        ):
             self.stats.setdefault(name, 0)
         self.stats.setdefault("refusals", {})
 
@@ -186,9 +204,9 @@ class IdentityGraph:
             pid = self._i_old.pop(key, None)
             if pid is None:
                 raw = self.store.get(b"i:" + key.encode())
-                if raw is None:
-                    return None
-                pid = raw.decode()
+                # a miss is cached too ("" = known absent): a new identifier is asked for several times
+                # by one event (hot path, slow path, link step) and each store miss costs a RocksDB read
+                pid = "" if raw is None else raw.decode()
             self._i_young[key] = pid
         return pid or None
 
@@ -201,16 +219,9 @@ class IdentityGraph:
 
     def flush(self) -> None:
         """Write every buffered change to the store in one batch, then trim the cache."""
-        items: list[tuple[bytes, bytes | None]] = [
-            (b"p:" + pid.encode(), p.encode()) for pid, p in self._dirty_p.items()
-        ]
-        items.extend(
-            (b"i:" + key.encode(), None if pid is None else pid.encode())
-            for key, pid in self._dirty_i.items()
-        )
-        items.extend(self._writes)
-        items.append((_STATS_KEY, orjson.dumps(self.stats)))
-        self.store.write_batch(items)
+        # a generator, not a list: each profile is encoded only as the batch takes it, so the encoded bytes
+        # are held once (inside the store's batch), not twice
+        self.store.write_batch(self._flush_items())
         self._dirty_p.clear()
         self._dirty_i.clear()
         self._writes = []
@@ -219,6 +230,15 @@ class IdentityGraph:
             self._p_old, self._p_young = self._p_young, {}
         if len(self._i_young) > 4 * self._cache_profiles:
             self._i_old, self._i_young = self._i_young, {}
+
+    def _flush_items(self) -> Iterator[tuple[bytes, bytes | None]]:
+        # (key, encoded value | None = delete) for everything buffered since the last flush
+        for pid, p in self._dirty_p.items():
+            yield b"p:" + pid.encode(), p.encode()
+        for key, owner in self._dirty_i.items():
+            yield b"i:" + key.encode(), None if owner is None else owner.encode()
+        yield from self._writes
+        yield _STATS_KEY, orjson.dumps(self.stats)
 
     def close(self) -> None:
         """Flush and close the store."""
@@ -576,9 +596,60 @@ class IdentityGraph:
                 if ident.verified and not trec[R_VERIFIED]:
                     trec[R_VERIFIED] = True
         self._aggregate(target, ev)
+        if rules.shared_active and len(keys) > 1:
+            self._track_shared(keys, idents, target, deferred)
         return LinkResult(
             target.id, tuple(self._flush_deferred(changes, deferred, target, ev_id, at)), keys[0]
         )
+
+    def _track_shared(
+        self, keys: list[str], idents: list[Identifier], target: ProfileState, deferred: list[_Pending]
+    ) -> None:
+        """Weak values of the event left in another person's profile: count the people; mark shared ones.
+
+        The evidence is a link refused or not attempted: the event's person identifiers are in `target`, a
+        weak value of the event stayed in another profile that holds person identifiers too — someone else
+        logged in on the family tablet. Past links stay; the value stops attributing (like a generic one).
+        """
+        rules = self.rules
+        stypes = rules.shared_types
+        ptypes = rules.shared_person_types
+        tid = target.id
+        if not any(i.type in ptypes and self._owner(k) == tid for k, i in zip(keys, idents, strict=True)):
+            return
+        code = (_PEOPLE_TAG << 32) | zlib.crc32(tid.encode())
+        for key, ident in zip(keys, idents, strict=True):
+            if ident.type not in stypes or key in self._generic:
+                continue
+            own = self._owner(key)
+            if own is None or own == tid:
+                continue
+            other = self._get_profile(own)
+            if other is None or other.status != ACTIVE or not other.has_type_in(ptypes):
+                continue
+            rec = other.ids.get(key)
+            if rec is None:  # pragma: no cover - index and profiles are written together
+                continue
+            nb = rec[R_NB]
+            if nb is None:
+                nb = rec[R_NB] = []
+            if code not in nb:
+                nb.append(code)
+                self._touch(other)
+            people = 1 + sum(1 for c in nb if c >> 32 == _PEOPLE_TAG)  # the owner, and the others
+            if people > rules.shared_max_people:
+                self._generic.add(key)
+                self._shared.add(key)
+                self._writes.append((b"g:" + key.encode(), _SHARED_MARK))
+                self.stats["shared"] += 1
+                self._refused(RULE_SHARED)
+                deferred.append(
+                    _Pending(
+                        Refusal(RULE_SHARED, f"weak value seen with person identifiers of {people} profiles"),
+                        [key],
+                        other.id,
+                    )
+                )
 
     def _flush_deferred(
         self,
@@ -697,8 +768,12 @@ class IdentityGraph:
         return self._live(profile_id)
 
     def is_generic(self, identifier: str) -> bool:
-        """Whether the value has been marked generic (it no longer links)."""
+        """Whether the value no longer links: marked generic, or a weak value marked shared."""
         return identifier in self._generic
+
+    def is_shared(self, identifier: str) -> bool:
+        """Whether a weak value (device, cookie) was marked shared: seen with several people's identifiers."""
+        return identifier in self._shared
 
     def final_profile(self, profile_id: str | None, anchor: str | None = None) -> str | None:
         """The profile an event assigned to `profile_id` belongs to now: merges and splits followed.
@@ -858,6 +933,7 @@ class IdentityGraph:
             self._set_owner(key, None)
             if key in self._generic:
                 self._generic.discard(key)
+                self._shared.discard(key)
                 self._writes.append((b"g:" + key.encode(), None))
             for rkey, hkey in list(self.store.iter_prefix(f"r:{key}:".encode())):
                 self._writes.append((rkey, None))

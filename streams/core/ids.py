@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from base64 import b32encode
 from hashlib import blake2b
 
 __all__ = ["derive_profile_id", "derive_split_id"]
 
 _MAX_TS = (1 << 48) - 1
-# RFC 4648 base32 alphabet → Crockford's (the ULID alphabet); same bit layout, so one translate suffices
-_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32, the ULID alphabet
+# every 10-bit value as two characters: a ULID (130 bits, top two zero) is 13 table lookups, about twice as
+# fast as base64.b32encode (pure Python on 3.11), which showed up in the profile of new-profile events
+_PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
 
 
 def _ulid(timestamp_ms: int, seed: bytes) -> str:
     ts = min(max(int(timestamp_ms), 0), _MAX_TS)
-    raw = ts.to_bytes(6, "big") + blake2b(seed, digest_size=10).digest()
-    # 4 zero bytes in front make 160 bits = 32 base32 chars; the last 26 are the ULID's 130 bits
-    return b32encode(b"\0\0\0\0" + raw)[6:].translate(_CROCKFORD).decode()
+    r = int.from_bytes(blake2b(seed, digest_size=10).digest(), "big")
+    p = _PAIRS
+    # 48-bit time in the first 5 pairs (50 bits, top 2 zero), 80 random bits in the other 8
+    return (
+        p[ts >> 40]
+        + p[(ts >> 30) & 1023]
+        + p[(ts >> 20) & 1023]
+        + p[(ts >> 10) & 1023]
+        + p[ts & 1023]
+        + p[r >> 70]
+        + p[(r >> 60) & 1023]
+        + p[(r >> 50) & 1023]
+        + p[(r >> 40) & 1023]
+        + p[(r >> 30) & 1023]
+        + p[(r >> 20) & 1023]
+        + p[(r >> 10) & 1023]
+        + p[r & 1023]
+    )
 
 
 def derive_profile_id(event_id: str, occurred_at_ms: int) -> str:

@@ -38,6 +38,7 @@ RULE_SIZE_CAP = "size_cap"
 RULE_SPLIT_APART = "split_apart"
 RULE_GENERIC = "generic_value"
 RULE_UNCORROBORATED = "uncorroborated_bridge"
+RULE_SHARED = "shared_device"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,19 @@ class Rules:
         default_factory=lambda: {"customer_id": 1, "loyalty_card": 1, "phone": 3, "email": 3}
     )
 
+    # a weak value (device, cookie) seen with person identifiers of more than `shared_max_people` distinct
+    # profiles is a shared device (family tablet, shop kiosk): it keeps its past links but stops attributing
+    # events on its own, and events it anchored are no longer attributed (see docs/core.md)
+    shared_devices: bool = True
+    shared_types: frozenset[str] = frozenset({"device_id", "cookie_id"})
+    shared_person_types: frozenset[str] = frozenset({"customer_id", "loyalty_card", "phone", "email"})
+    shared_max_people: int = 1
+
+    @property
+    def shared_active(self) -> bool:
+        """Whether shared-device detection runs at all (never without protection)."""
+        return self.protection and self.shared_devices and bool(self.shared_types)
+
     @property
     def rank(self) -> dict[str, int]:
         """Type → priority rank (0 = highest); unlisted types rank after all listed ones."""
@@ -110,7 +124,7 @@ class Rules:
     @classmethod
     def unprotected(cls) -> Rules:
         """No merge protection: every co-occurrence links (plain connected components)."""
-        return cls(protection=False, generic=False, corroborate_soft_bridges=False)
+        return cls(protection=False, generic=False, corroborate_soft_bridges=False, shared_devices=False)
 
 
 def _str_list(value: Any, where: str) -> list[str]:
@@ -153,7 +167,7 @@ def _limit(value: Any, where: str) -> TypeLimit:
 def rules_from_mapping(data: Mapping[str, Any], base: Rules | None = None) -> Rules:
     """Rules from a parsed TOML document, starting from `base` (the defaults) for missing keys."""
     r = base or Rules()
-    _check_keys(data, {"priority", "protection", "limits", "generic"}, "rules file")
+    _check_keys(data, {"priority", "protection", "limits", "generic", "shared_devices"}, "rules file")
     kw: dict[str, Any] = {}
     if "priority" in data:
         prio = _str_list(data["priority"], "priority")
@@ -209,10 +223,26 @@ def rules_from_mapping(data: Mapping[str, Any], base: Rules | None = None) -> Ru
         gm = dict(r.generic_max)
         gm.update({t: _pos_int(v, f"generic.max_distinct_strong.{t}") for t, v in mds.items()})
         kw["generic_max"] = gm
+    shared = data.get("shared_devices", {})
+    if not isinstance(shared, Mapping):
+        raise RulesError("[shared_devices] must be a table")
+    _check_keys(shared, {"enabled", "types", "person_types", "max_people"}, "[shared_devices]")
+    if "enabled" in shared:
+        kw["shared_devices"] = _bool(shared["enabled"], "shared_devices.enabled")
+    if "types" in shared:
+        kw["shared_types"] = frozenset(_str_list(shared["types"], "shared_devices.types"))
+    if "person_types" in shared:
+        people = _str_list(shared["person_types"], "shared_devices.person_types")
+        kw["shared_person_types"] = frozenset(people)
+    if "max_people" in shared:
+        kw["shared_max_people"] = _pos_int(shared["max_people"], "shared_devices.max_people")
     out = Rules(**{**_as_kwargs(r), **kw})
     bad = sorted(out.unique_types - out.strong_types)
     if bad:
         raise RulesError(f"unique_types must be strong types too: {', '.join(bad)}")
+    bad = sorted(out.shared_types & out.strong_types)
+    if bad:
+        raise RulesError(f"shared_devices.types must be weak types: {', '.join(bad)}")
     return out
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.workers import ROOT, Worker
+
 LOCALKAFKA = ROOT / "deploy" / "kafka" / "localkafka.py"
 TEST_BROKER_STATE = ROOT / ".run" / "test-kafka"
 
@@ -70,3 +71,35 @@ def new_topic(kafka_admin: AdminClient) -> Callable[..., str]:
         return name
 
     return create
+
+
+@pytest.fixture
+def start_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Factory: a ready worker (a new app id and data dir unless given); all are stopped at the end."""
+    subprocess.run(
+        [sys.executable, "-m", "streams.cli", "topics", "create"],
+        env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    started: list[Worker] = []
+
+    def start(app_id: str | None = None, data_dir: Path | None = None, **extra_env: str) -> Worker:
+        running = Worker(
+            kafka_bootstrap, tmp_path, app_id or f"it-{uuid.uuid4().hex[:8]}", extra_env, data_dir
+        )
+        started.append(running)
+        running.wait_ready()
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+
+
+@pytest.fixture
+def worker(start_worker: Callable[..., Worker]) -> Worker:
+    return start_worker()

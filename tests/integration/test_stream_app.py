@@ -4,126 +4,15 @@ from __future__ import annotations
 
 import base64
 import random
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-import pytest
 from confluent_kafka import Producer
 
 from tests.integration.kafkatools import read_topic
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Worker:
-    """One `omnistitch worker` process with its own app id, data dir and web port."""
-
-    def __init__(
-        self, bootstrap: str, tmp: Path, app_id: str, extra_env: dict[str, str] | None = None
-    ) -> None:
-        self.port = _free_port()
-        self.log = tmp / f"worker-{self.port}.log"
-        env = {
-            "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
-            "KAFKA_BOOTSTRAP": bootstrap,
-            "OMNISTITCH_APP_ID": app_id,
-            "OMNISTITCH_DATA_DIR": str(tmp / f"data-{self.port}"),
-            "OMNISTITCH_WEB_PORT": str(self.port),
-            **(extra_env or {}),
-        }
-        self.data_dir = Path(env["OMNISTITCH_DATA_DIR"])
-        self.app_id = app_id
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "-l", "info"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-4000:]
-            if "Worker ready" in self.log.read_text(errors="replace"):
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"worker not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-@pytest.fixture
-def start_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Factory: a ready worker (own app id and data dir) with extra environment; all stopped at the end."""
-    subprocess.run(
-        [sys.executable, "-m", "streams.cli", "topics", "create"],
-        env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    started: list[Worker] = []
-
-    def start(**extra_env: str) -> Worker:
-        running = Worker(kafka_bootstrap, tmp_path, f"it-{uuid.uuid4().hex[:8]}", extra_env)
-        started.append(running)
-        running.wait_ready()
-        return running
-
-    try:
-        yield start
-    finally:
-        for running in started:
-            running.stop()
-
-
-@pytest.fixture
-def worker(start_worker: Callable[..., Worker]) -> Worker:
-    return start_worker()
-
-
-def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _values(bootstrap: str, topic: str) -> list[tuple[bytes | None, dict[str, Any] | None]]:
-    return [
-        (m.key(), None if m.value() is None else orjson.loads(m.value()))
-        for m in read_topic(bootstrap, topic)
-    ]
+from tests.integration.workers import Worker, topic_values, wait_for
 
 
 def _send(bootstrap: str, topic: str, value: bytes, key: bytes | None = None) -> None:
@@ -199,12 +88,12 @@ def _resolve_all(bootstrap: str, events: list[dict[str, Any]]) -> dict[str, dict
         _send(bootstrap, f"raw.{event['source']}", orjson.dumps(event))
 
         def seen(event_id: str = event["event_id"]) -> dict[str, Any] | None:
-            for _, value in _values(bootstrap, "events.resolved"):
+            for _, value in topic_values(bootstrap, "events.resolved"):
                 if value and value["event_id"] == event_id:
                     return value
             return None
 
-        resolved[event["event_id"]] = _wait_for(f"resolved {event['event_id']}", seen)
+        resolved[event["event_id"]] = wait_for(f"resolved {event['event_id']}", seen)
     return resolved
 
 
@@ -218,13 +107,13 @@ def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None
     assert f"email:kolya.{run}@mail.ru" in web["identifier_keys"]  # normalised before stitching
 
     changes = [
-        v for _, v in _values(kafka_bootstrap, "identity.changes") if v and v["profile_id"] == survivor
+        v for _, v in topic_values(kafka_bootstrap, "identity.changes") if v and v["profile_id"] == survivor
     ]
     merged = [c for c in changes if c["kind"] == "profiles_merged"]
     assert merged and merged[0]["merged"] == [web["profile_id"]]
     assert [c["seq"] for c in changes] == sorted({c["seq"] for c in changes})
 
-    snapshots = _values(kafka_bootstrap, "profiles")
+    snapshots = topic_values(kafka_bootstrap, "profiles")
     latest = {key: value for key, value in snapshots}
     assert latest[web["profile_id"].encode()] is None  # merged away: tombstoned on the compacted topic
     profile = latest[survivor.encode()]
@@ -259,12 +148,12 @@ def test_bad_input_goes_to_dlq_with_original_bytes(worker: Worker, kafka_bootstr
     def ours() -> dict[str, dict[str, Any]] | None:
         found = {
             key.decode().split("-", 1)[1]: value
-            for key, value in _values(kafka_bootstrap, "dlq")
+            for key, value in topic_values(kafka_bootstrap, "dlq")
             if key and key.decode().startswith(run) and value
         }
         return found if len(found) == len(bad) else None
 
-    records = _wait_for("dlq records", ours)
+    records = wait_for("dlq records", ours)
     for code, value in bad.items():
         assert records[code]["error_code"] == code
         assert base64.b64decode(records[code]["original_value_b64"]) == value

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from streams.core import ChangeKind, IdentityGraph, Rules, TypeLimit
+from streams.core import ChangeKind, IdentityGraph, MemoryStore, Rules, TypeLimit
 from streams.exceptions import UnknownProfileOrIdentifier
 from tests.unit.core_helpers import ev, order
 
@@ -70,8 +70,69 @@ def test_family_ipad_with_two_logged_in_people_stays_two_profiles() -> None:
     y = h.link(ev("y", "email:boris@example.com", "device_id:ipad"))
     assert x.profile_id != y.profile_id
     refusals = [c for c in y.changes if c.kind is ChangeKind.REFUSED]
-    assert [c.payload["rule"] for c in refusals] == ["weak_bridge"]
+    # the device is refused as a bridge, and having now seen two people it is marked shared
+    assert [c.payload["rule"] for c in refusals] == ["weak_bridge", "shared_device"]
     assert h.lookup("device_id:ipad") == x.profile_id  # refused identifiers stay where they were
+
+
+def test_family_ipad_turns_shared_and_its_anonymous_events_belong_to_no_one() -> None:
+    g = IdentityGraph()
+    browse = g.link(ev("browse", "device_id:ipad"))  # before anyone logs in
+    anna = g.link(ev("anna", "customer_id:anna", "device_id:ipad", type="login"))
+    mid = g.link(ev("mid", "device_id:ipad"))  # only Anna has logged in so far: attributed to her
+    assert mid.profile_id == anna.profile_id and not g.is_shared("device_id:ipad")
+    # Boris logs in with his verified e-mail: one customer_id and one e-mail is not a generic value (each
+    # type is within its count), but it is two people on one tablet
+    boris = g.link(
+        ev(
+            "boris",
+            "email:boris@example.com",
+            "device_id:ipad",
+            type="login",
+            verified=("email:boris@example.com",),
+        )
+    )
+    assert boris.profile_id != anna.profile_id
+    assert "shared_device" in [c.payload["rule"] for c in boris.changes if c.kind is ChangeKind.REFUSED]
+    assert g.is_shared("device_id:ipad") and g.stats["shared"] == 1 and g.stats["generic"] == 0
+    # later anonymous iPad events belong to neither of them
+    later = g.link(ev("later", "device_id:ipad"))
+    assert later.profile_id is None and later.changes == ()
+    # its earlier link stays: the device is still in Anna's profile, her login stays hers
+    assert g.lookup("device_id:ipad") == anna.profile_id
+    assert g.final_profile(anna.profile_id, anna.anchor) == anna.profile_id
+    # but past events it anchored can no longer be told apart: null, never the wrong person
+    assert g.final_profile(mid.profile_id, mid.anchor) is None
+    assert g.final_profile(browse.profile_id, browse.anchor) is None
+    # a logged-in event on the tablet still resolves by its strong identifier
+    assert g.link(ev("again", "email:boris@example.com", "device_id:ipad")).profile_id == boris.profile_id
+
+
+def test_shared_devices_off_keeps_attributing_to_the_first_person() -> None:
+    g = IdentityGraph(rules=Rules(shared_devices=False))
+    anna = g.link(ev("anna", "customer_id:anna", "device_id:ipad"))
+    g.link(ev("boris", "email:boris@example.com", "device_id:ipad"))
+    assert not g.is_shared("device_id:ipad")
+    assert g.link(ev("later", "device_id:ipad")).profile_id == anna.profile_id
+
+
+def test_one_person_on_several_devices_does_not_make_them_shared() -> None:
+    g = IdentityGraph()
+    for n, dev in enumerate(("device_id:phone", "device_id:tablet", "cookie_id:laptop")):
+        g.link(ev(f"login{n}", "customer_id:anna", "phone:+79160000001", dev, verified=("customer_id:anna",)))
+    assert g.stats["shared"] == 0
+    assert g.link(ev("anon", "device_id:tablet")).profile_id == g.lookup("customer_id:anna")
+
+
+def test_shared_mark_survives_a_restart() -> None:
+    store = MemoryStore()
+    g = IdentityGraph(store)
+    g.link(ev("a", "customer_id:anna", "device_id:ipad"))
+    g.link(ev("b", "email:boris@example.com", "device_id:ipad"))
+    g.close()
+    again = IdentityGraph(store)
+    assert again.is_shared("device_id:ipad") and again.is_generic("device_id:ipad")
+    assert again.link(ev("c", "device_id:ipad")).profile_id is None
 
 
 def test_anonymous_visitor_logging_in_joins_the_known_profile() -> None:

@@ -59,6 +59,9 @@ def test_rules_file_overrides_and_env(tmp_path: Path, monkeypatch: pytest.Monkey
         'priority = ["email", "email"]\n',
         '[protection]\nunique_types = ["cookie_id"]\n',
         "not toml at all [",
+        '[shared_devices]\ntypes = ["email"]\n',
+        "[shared_devices]\nmax_people = 0\n",
+        "[shared_devices]\nunknown = 1\n",
     ],
 )
 def test_bad_rules_fail_loudly(tmp_path: Path, text: str) -> None:
@@ -111,3 +114,14 @@ def test_corroborate_soft_bridges_is_read_from_the_rules_file(tmp_path: Path) ->
     assert not load_rules(f).corroborate_soft_bridges
     assert load_rules().corroborate_soft_bridges
     assert not Rules.unprotected().corroborate_active
+
+
+def test_shared_devices_are_read_from_the_rules_file(tmp_path: Path) -> None:
+    f = tmp_path / "r.toml"
+    f.write_text('[shared_devices]\nenabled = true\ntypes = ["device_id"]\nmax_people = 2\n')
+    r = load_rules(f)
+    assert r.shared_active and r.shared_types == {"device_id"} and r.shared_max_people == 2
+    assert load_rules().shared_active and load_rules().shared_types == {"device_id", "cookie_id"}
+    f.write_text("[shared_devices]\nenabled = false\n")
+    assert not load_rules(f).shared_active
+    assert not Rules.unprotected().shared_active  # plain connected components stay plain

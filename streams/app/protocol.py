@@ -1,0 +1,1274 @@
+"""Partitioned stitching protocol (docs/stream-protocol.md §2-§8): pure handlers, no Kafka, no Faust.
+
+Each identifier `k` is a register owned by `part(k)`; each profile `P` is a state machine owned by `home(P)`.
+A partition's rows live behind `PartitionState` (hot cache over a bytes `RowStore`); `handle` processes one
+logical message against them and returns `Effects`: outputs to publish and messages for other partitions.
+Messages for the partition being processed are handled inline, in the same call. The Faust glue and the
+deterministic simulator (tests/unit/protocol_sim.py) both drive this module.
+
+Item shapes:
+    NormalizedEvent ─ingest─▶ Route ─▶ Apply ─▶ Claim ─▶ ClaimOk | ClaimTaken ─▶ MergeAsk ─▶ MergeOffer ─▶ …
+    handle(state, msg) ─▶ Effects(resolved, changes, profiles, sends{dest: [msg, …]}, dropped)
+
+Rule decisions stay in the core's pure `check_attach` / `check_merge`; this module only decides *where* and
+*when* they run (on exact states: a loser is frozen by its lock, a winner decides with no claims in flight).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar, Literal, Protocol
+
+import orjson
+
+from streams.core import ChangeKind, IdentityChange, ProfileState, Refusal, Rules, check_attach, check_merge
+from streams.core.ids import derive_profile_id
+from streams.core.rules import RULE_GENERIC
+from streams.core.state import ACTIVE, ERASED, MERGED, R_LAST, R_VERIFIED, IdentRecord
+from streams.events import Identifier, NormalizedEvent
+from streams.produce import murmur2_partition
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "Apply",
+    "Claim",
+    "ClaimGeneric",
+    "ClaimOk",
+    "ClaimTaken",
+    "Effects",
+    "Erase",
+    "IdRow",
+    "MemoryRowStore",
+    "MergeAsk",
+    "MergeDone",
+    "MergeNo",
+    "MergeOffer",
+    "Msg",
+    "PartitionState",
+    "ProfileRow",
+    "Release",
+    "Repoint",
+    "Resolved",
+    "Route",
+    "RowStore",
+    "TableName",
+    "decode_envelope",
+    "decode_msg",
+    "destination",
+    "encode_envelope",
+    "encode_msg",
+    "handle",
+    "home",
+    "ingest",
+    "new_profile_id",
+    "ordered_keys",
+    "part",
+]
+
+ENVELOPE_VERSION = 1
+# TODO: use core's public constants once exposed (streams.core.graph.ORDER_TYPES / ERASE_TYPE are module
+# internals of graph.py today; kept equal here)
+_ORDER_TYPES = frozenset({"order_placed", "store_purchase"})
+_ERASE_TYPE = "erase"
+
+# ------------------------------------------------------------------------------------------------------------
+# Routing (§0, §2)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def part(key: str, n: int) -> int:
+    """Owner partition of an identifier register: Kafka's murmur2 so the producer's keying agrees."""
+    return murmur2_partition(key.encode(), n)
+
+
+def home(profile_id: str, n: int) -> int:
+    """Home partition of a profile: the same hash as identifiers, over the profile id."""
+    return murmur2_partition(profile_id.encode(), n)
+
+
+def new_profile_id(
+    event_id: str, at_ms: int, home_partition: int, n: int, taken: Callable[[str], bool] | None = None
+) -> str:
+    """Deterministic id born on `home_partition`: `derive_profile_id` salted `#n` until it homes there."""
+    salt = 0
+    while True:
+        pid = derive_profile_id(f"{event_id}#{salt}" if salt else event_id, at_ms)
+        if home(pid, n) == home_partition and (taken is None or not taken(pid)):
+            return pid
+        salt += 1
+
+
+def ordered_keys(ev: NormalizedEvent, rules: Rules) -> tuple[str, ...]:
+    """The event's identifier keys by the core's priority (rank, key), deduplicated: anchor first."""
+    rank = rules.rank
+    unranked = len(rank)
+    ranked = {(rank.get(i.type, unranked), i.key) for i in ev.identifiers}
+    return tuple(key for _, key in sorted(ranked))
+
+
+def _type_of(key: str) -> str:
+    return key.split(":", 1)[0]
+
+
+def _nb_code(key: str) -> int:
+    """Neighbour code, bit for bit the core's `_nb_code` (16-bit type tag, crc32 of the key).
+
+    TODO: use core's public neighbour code once exposed (streams.core.graph._nb_code is private).
+    """
+    return ((zlib.crc32(_type_of(key).encode()) & 0xFFFF) << 32) | zlib.crc32(key.encode())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Messages (§3)
+# ------------------------------------------------------------------------------------------------------------
+# Sides (bridge identifiers) travel as tuples of Identifier; events as NormalizedEvent. Every message has a
+# small integer tag on the wire: [tag, field, field, …].
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An event looking for its profile at `part(keys[0])`; `dead` = a profile id known erased."""
+
+    TAG: ClassVar[int] = 1
+    ev: NormalizedEvent
+    keys: tuple[str, ...]
+    dead: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Resolve `ev` at profile `pid`; `fresh` = `pid` was created for this very event (core's pending)."""
+
+    TAG: ClassVar[int] = 2
+    pid: str
+    ev: NormalizedEvent
+    keys: tuple[str, ...]
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """CAS `ids[key].p := pid`; `side` = pid's bridge, `others` = the event's other keys; `note`: held."""
+
+    TAG: ClassVar[int] = 3
+    pid: str
+    key: str
+    ev_id: str
+    at: int
+    side: tuple[Identifier, ...]
+    others: tuple[str, ...]
+    note: bool = False
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOk:
+    """The register now names `pid` (or already did)."""
+
+    TAG: ClassVar[int] = 4
+    pid: str
+    key: str
+    ev_id: str
+    at: int
+    side: tuple[Identifier, ...]
+    note: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimTaken:
+    """The register names `owner`: the claimer asks for a merge. `corr` = the bridge was seen before."""
+
+    TAG: ClassVar[int] = 5
+    pid: str
+    key: str
+    owner: str
+    ev_id: str
+    at: int
+    side: tuple[Identifier, ...]
+    ident: Identifier
+    corr: bool = False
+    note: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimGeneric:
+    """The value is generic (shared): it stops linking; `newly` = this claim made it so."""
+
+    TAG: ClassVar[int] = 6
+    pid: str
+    key: str
+    ev_id: str
+    at: int
+    newly: bool
+    note: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MergeAsk:
+    """At `home(loser)`: lock and ship state to `winner` (winner < loser)."""
+
+    TAG: ClassVar[int] = 7
+    loser: str
+    winner: str
+    side_l: tuple[Identifier, ...]
+    side_w: tuple[Identifier, ...]
+    ev_id: str
+    at: int
+    corr: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MergeOffer:
+    """At `home(winner)`: decide with `check_merge` on the winner's state and the frozen loser `state`."""
+
+    TAG: ClassVar[int] = 8
+    winner: str
+    loser: str
+    state: dict[str, Any]
+    side_w: tuple[Identifier, ...]
+    side_l: tuple[Identifier, ...]
+    ev_id: str
+    at: int
+    corr: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MergeDone:
+    """At `home(loser)`: the winner absorbed it; become a stub and forward."""
+
+    TAG: ClassVar[int] = 9
+    loser: str
+    winner: str
+
+
+@dataclass(frozen=True, slots=True)
+class MergeNo:
+    """At `home(loser)`: refused; unlock and go on."""
+
+    TAG: ClassVar[int] = 10
+    loser: str
+    winner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Repoint:
+    """Path compression: `ids[key].p := dst` if it still names `src`."""
+
+    TAG: ClassVar[int] = 11
+    key: str
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """`ids[key].p := null` if it still names `pid`; `erase` also forgets generic mark and neighbours."""
+
+    TAG: ClassVar[int] = 12
+    key: str
+    pid: str
+    erase: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Erase:
+    """Right to be forgotten: at `part(key)` (pid None) clear the register, then wipe its profile at home."""
+
+    TAG: ClassVar[int] = 13
+    key: str
+    pid: str | None
+    ev_id: str
+    at: int
+
+
+Msg = (
+    Route
+    | Apply
+    | Claim
+    | ClaimOk
+    | ClaimTaken
+    | ClaimGeneric
+    | MergeAsk
+    | MergeOffer
+    | MergeDone
+    | MergeNo
+    | Repoint
+    | Release
+    | Erase
+)
+_PROFILE_MSGS = (Apply, ClaimOk, ClaimTaken, ClaimGeneric, MergeAsk, MergeOffer, MergeDone, MergeNo, Erase)
+
+
+def destination(msg: Msg, n: int) -> int:
+    """The partition that owns the row a message is about."""
+    match msg:
+        case Route():
+            return part(msg.keys[0], n)
+        case Apply() | ClaimOk() | ClaimTaken() | ClaimGeneric():
+            return home(msg.pid, n)
+        case MergeAsk() | MergeDone() | MergeNo():
+            return home(msg.loser, n)
+        case MergeOffer():
+            return home(msg.winner, n)
+        case Erase():
+            return part(msg.key, n) if msg.pid is None else home(msg.pid, n)
+        case Claim() | Repoint() | Release():
+            return part(msg.key, n)
+    raise TypeError(type(msg).__name__)  # pragma: no cover
+
+
+# --- (de)serialisation -------------------------------------------------------------------------------------
+
+
+def _ev_out(ev: NormalizedEvent) -> list[Any]:
+    return [
+        ev.event_id,
+        ev.source,
+        ev.channel,
+        ev.type,
+        ev.occurred_at_ms,
+        [[i.type, i.value, i.verified] for i in ev.identifiers],
+        ev.attributes,
+        ev.consent,
+        [list(d) for d in ev.dropped],
+        ev.envelope,
+    ]
+
+
+def _ev_in(d: list[Any]) -> NormalizedEvent:
+    return NormalizedEvent(
+        event_id=d[0],
+        source=d[1],
+        channel=d[2],
+        type=d[3],
+        occurred_at_ms=d[4],
+        identifiers=tuple(Identifier(t, v, bool(ver)) for t, v, ver in d[5]),
+        attributes=d[6],
+        consent=d[7],
+        dropped=tuple((a, b) for a, b in d[8]),
+        envelope=d[9],
+    )
+
+
+def _side_out(side: tuple[Identifier, ...]) -> list[list[Any]]:
+    return [[i.type, i.value, i.verified] for i in side]
+
+
+def _side_in(d: list[Any]) -> tuple[Identifier, ...]:
+    return tuple(Identifier(t, v, bool(ver)) for t, v, ver in d)
+
+
+def _to_obj(m: Msg) -> list[Any]:
+    match m:
+        case Route():
+            return [m.TAG, _ev_out(m.ev), list(m.keys), m.dead]
+        case Apply():
+            return [m.TAG, m.pid, _ev_out(m.ev), list(m.keys), m.fresh]
+        case Claim():
+            return [m.TAG, m.pid, m.key, m.ev_id, m.at, _side_out(m.side), list(m.others), m.note, m.fresh]
+        case ClaimOk():
+            return [m.TAG, m.pid, m.key, m.ev_id, m.at, _side_out(m.side), m.note]
+        case ClaimTaken():
+            return [
+                m.TAG,
+                m.pid,
+                m.key,
+                m.owner,
+                m.ev_id,
+                m.at,
+                _side_out(m.side),
+                _side_out((m.ident,)),
+                m.corr,
+                m.note,
+            ]
+        case ClaimGeneric():
+            return [m.TAG, m.pid, m.key, m.ev_id, m.at, m.newly, m.note]
+        case MergeAsk():
+            return [m.TAG, m.loser, m.winner, _side_out(m.side_l), _side_out(m.side_w), m.ev_id, m.at, m.corr]
+        case MergeOffer():
+            return [
+                m.TAG,
+                m.winner,
+                m.loser,
+                m.state,
+                _side_out(m.side_w),
+                _side_out(m.side_l),
+                m.ev_id,
+                m.at,
+                m.corr,
+            ]
+        case MergeDone() | MergeNo():
+            return [m.TAG, m.loser, m.winner]
+        case Repoint():
+            return [m.TAG, m.key, m.src, m.dst]
+        case Release():
+            return [m.TAG, m.key, m.pid, m.erase]
+        case Erase():
+            return [m.TAG, m.key, m.pid, m.ev_id, m.at]
+
+
+def _from_obj(d: list[Any]) -> Msg:
+    tag = d[0]
+    if tag == Route.TAG:
+        return Route(_ev_in(d[1]), tuple(d[2]), d[3])
+    if tag == Apply.TAG:
+        return Apply(d[1], _ev_in(d[2]), tuple(d[3]), d[4])
+    if tag == Claim.TAG:
+        return Claim(d[1], d[2], d[3], d[4], _side_in(d[5]), tuple(d[6]), d[7], d[8])
+    if tag == ClaimOk.TAG:
+        return ClaimOk(d[1], d[2], d[3], d[4], _side_in(d[5]), d[6])
+    if tag == ClaimTaken.TAG:
+        return ClaimTaken(d[1], d[2], d[3], d[4], d[5], _side_in(d[6]), _side_in(d[7])[0], d[8], d[9])
+    if tag == ClaimGeneric.TAG:
+        return ClaimGeneric(d[1], d[2], d[3], d[4], d[5], d[6])
+    if tag == MergeAsk.TAG:
+        return MergeAsk(d[1], d[2], _side_in(d[3]), _side_in(d[4]), d[5], d[6], d[7])
+    if tag == MergeOffer.TAG:
+        return MergeOffer(d[1], d[2], d[3], _side_in(d[4]), _side_in(d[5]), d[6], d[7], d[8])
+    if tag == MergeDone.TAG:
+        return MergeDone(d[1], d[2])
+    if tag == MergeNo.TAG:
+        return MergeNo(d[1], d[2])
+    if tag == Repoint.TAG:
+        return Repoint(d[1], d[2], d[3])
+    if tag == Release.TAG:
+        return Release(d[1], d[2], d[3])
+    if tag == Erase.TAG:
+        return Erase(d[1], d[2], d[3], d[4])
+    raise ValueError(f"unknown protocol message tag {tag!r}")
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Decimal):
+        return str(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def encode_msg(m: Msg) -> bytes:
+    """One message as compact JSON (Decimals as strings, as the core stores revenue)."""
+    return orjson.dumps(_to_obj(m), default=_default)
+
+
+def decode_msg(raw: bytes) -> Msg:
+    """Inverse of `encode_msg`."""
+    return _from_obj(orjson.loads(raw))
+
+
+def encode_envelope(msgs: Iterable[Msg]) -> bytes:
+    """One internal record per (batch, source, destination): `{"v":1,"m":[msg, …]}` in handling order."""
+    return orjson.dumps({"v": ENVELOPE_VERSION, "m": [_to_obj(m) for m in msgs]}, default=_default)
+
+
+def decode_envelope(raw: bytes) -> list[Msg]:
+    """Inverse of `encode_envelope`; ValueError on an unknown version or tag."""
+    d = orjson.loads(raw)
+    if not isinstance(d, dict) or d.get("v") != ENVELOPE_VERSION:
+        raise ValueError("not a v1 protocol envelope")
+    return [_from_obj(m) for m in d["m"]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rows (§2)
+# ------------------------------------------------------------------------------------------------------------
+
+TableName = Literal["ids", "profiles"]
+
+
+class RowStore(Protocol):
+    """Bytes rows of one partition: the Faust glue backs it with its tables, the simulator with dicts."""
+
+    def get(self, table: TableName, key: bytes) -> bytes | None:
+        """The committed-or-written value of a row, or None."""
+
+    def put(self, table: TableName, key: bytes, value: bytes) -> None:
+        """Write a row (rows are never deleted: released registers and stubs stay)."""
+
+
+class MemoryRowStore:
+    """Dict-backed `RowStore`; `copy()` gives the simulator its committed snapshot."""
+
+    def __init__(self, rows: dict[TableName, dict[bytes, bytes]] | None = None) -> None:
+        self.rows: dict[TableName, dict[bytes, bytes]] = rows or {"ids": {}, "profiles": {}}
+
+    def get(self, table: TableName, key: bytes) -> bytes | None:
+        """Row value or None."""
+        return self.rows[table].get(key)
+
+    def put(self, table: TableName, key: bytes, value: bytes) -> None:
+        """Write a row."""
+        self.rows[table][key] = value
+
+    def copy(self) -> MemoryRowStore:
+        """Independent copy (values are immutable bytes)."""
+        return MemoryRowStore({t: dict(r) for t, r in self.rows.items()})
+
+
+class IdRow:
+    """Identifier register: owner `p` (None = free/released), generic flag `g`, strong-neighbour codes."""
+
+    __slots__ = ("g", "nb", "p")
+
+    def __init__(self, p: str | None = None, g: bool = False, nb: list[int] | None = None) -> None:
+        self.p = p
+        self.g = g
+        self.nb: list[int] = nb if nb is not None else []
+
+    def encode(self) -> bytes:
+        """orjson row value (doc §2 field names)."""
+        return orjson.dumps({"p": self.p, "g": self.g, "nb": self.nb})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> IdRow:
+        """Inverse of `encode`."""
+        d = orjson.loads(raw)
+        return cls(d["p"], d["g"], d["nb"])
+
+
+class ProfileRow:
+    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`."""
+
+    __slots__ = ("cl", "lk", "q", "state")
+
+    def __init__(
+        self,
+        state: ProfileState,
+        lk: str | None = None,
+        cl: dict[str, IdentRecord] | None = None,
+        q: list[Msg] | None = None,
+    ) -> None:
+        self.state = state
+        self.lk = lk
+        self.cl: dict[str, IdentRecord] = cl if cl is not None else {}
+        self.q: list[Msg] = q if q is not None else []
+
+    def encode(self) -> bytes:
+        """`ProfileState.to_dict()` plus the protocol fields (only when set)."""
+        d = self.state.to_dict()
+        if self.lk is not None:
+            d["lk"] = self.lk
+        if self.cl:
+            d["cl"] = self.cl
+        if self.q:
+            d["q"] = [_to_obj(m) for m in self.q]
+        return orjson.dumps(d, default=_default)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ProfileRow:
+        """Inverse of `encode`."""
+        d = orjson.loads(raw)
+        lk = d.pop("lk", None)
+        cl = d.pop("cl", None)
+        q = [_from_obj(m) for m in d.pop("q", ())]
+        return cls(ProfileState.from_dict(d), lk, cl, q)
+
+
+class PartitionState:
+    """The rows one partition owns, read through a two-generation hot cache; writes coalesce until `flush`.
+
+    `flush()` writes every row changed since the last flush to the `RowStore` once and returns them, so the
+    caller sends the same bytes to the changelog in the source partition's transaction (§8). After a crash or
+    a rebalance, drop this object and build a new one over the store (the cache must not survive).
+    """
+
+    def __init__(
+        self,
+        partition: int,
+        n: int,
+        rules: Rules,
+        store: RowStore | None = None,
+        *,
+        cache_rows: int = 100_000,
+    ) -> None:
+        self.partition = partition
+        self.n = n
+        self.rules = rules
+        self.store: RowStore = store if store is not None else MemoryRowStore()
+        self._cache_rows = max(cache_rows, 1)
+        self._ids_young: dict[str, IdRow] = {}
+        self._ids_old: dict[str, IdRow] = {}
+        self._p_young: dict[str, ProfileRow] = {}
+        self._p_old: dict[str, ProfileRow] = {}
+        self._dirty_ids: dict[str, IdRow] = {}
+        self._dirty_p: dict[str, ProfileRow] = {}
+
+    # --- row interface ---------------------------------------------------------------------------------
+
+    def get_id(self, key: str) -> IdRow | None:
+        """The register of `key` (owned here), or None if never written."""
+        row = self._ids_young.get(key)
+        if row is None:
+            row = self._ids_old.pop(key, None)
+            if row is None:
+                raw = self.store.get("ids", key.encode())
+                if raw is None:
+                    return None
+                row = IdRow.decode(raw)
+            self._ids_young[key] = row
+        return row
+
+    def put_id(self, key: str, row: IdRow) -> None:
+        """Mark a register changed (written at the next flush)."""
+        self._ids_young[key] = row
+        self._dirty_ids[key] = row
+
+    def get_profile(self, pid: str) -> ProfileRow | None:
+        """The row of profile `pid` (homed here), or None."""
+        row = self._p_young.get(pid)
+        if row is None:
+            row = self._p_old.pop(pid, None)
+            if row is None:
+                raw = self.store.get("profiles", pid.encode())
+                if raw is None:
+                    return None
+                row = ProfileRow.decode(raw)
+            self._p_young[pid] = row
+        return row
+
+    def put_profile(self, row: ProfileRow) -> None:
+        """Mark a profile row changed (written at the next flush)."""
+        pid = row.state.id
+        self._p_young[pid] = row
+        self._dirty_p[pid] = row
+
+    def flush(self) -> list[tuple[TableName, bytes, bytes]]:
+        """Write each changed row once to the store; return them (table, key, value) for the changelog."""
+        out: list[tuple[TableName, bytes, bytes]] = [
+            ("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()
+        ]
+        out.extend(("profiles", pid.encode(), r.encode()) for pid, r in self._dirty_p.items())
+        for table, key, value in out:
+            self.store.put(table, key, value)
+        self._dirty_ids.clear()
+        self._dirty_p.clear()
+        if len(self._p_young) > self._cache_rows:
+            self._p_old, self._p_young = self._p_young, {}
+        if len(self._ids_young) > 4 * self._cache_rows:
+            self._ids_old, self._ids_young = self._ids_young, {}
+        return out
+
+    @property
+    def dirty(self) -> bool:
+        """Whether rows changed since the last flush."""
+        return bool(self._dirty_ids or self._dirty_p)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Effects
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """An `events.resolved` record: the event and its profile at resolve time (None: no identifier)."""
+
+    event: NormalizedEvent
+    profile_id: str | None
+    anchor: str | None
+
+
+@dataclass(slots=True)
+class Effects:
+    """What handling produced; accumulate a whole batch of one source partition into one `Effects`.
+
+    - `resolved`: one per event, in handling order;
+    - `changes`: identity changes, `seq` per profile from the profile row;
+    - `profiles`: profile ids (homed here) whose snapshot changed: publish one snapshot each (a tombstone
+      when the profile is now merged or erased) after the batch;
+    - `sends`: destination partition → messages, in handling order (one envelope per destination);
+    - `dropped`: messages dropped on purpose, by reason (a metric, bounded labels).
+    """
+
+    resolved: list[Resolved] = field(default_factory=list)
+    changes: list[IdentityChange] = field(default_factory=list)
+    profiles: dict[str, None] = field(default_factory=dict)
+    sends: dict[int, list[Msg]] = field(default_factory=dict)
+    dropped: Counter[str] = field(default_factory=Counter)
+    handled: int = 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Handlers (§4, §5, §7)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """One `handle` call: the partition, its effects and the inline work queue."""
+
+    __slots__ = ("fx", "st", "work")
+
+    def __init__(self, st: PartitionState, fx: Effects) -> None:
+        self.st = st
+        self.fx = fx
+        self.work: deque[Msg] = deque()
+
+    def send(self, m: Msg) -> None:
+        dest = destination(m, self.st.n)
+        if dest == self.st.partition:
+            self.work.append(m)
+        else:
+            self.fx.sends.setdefault(dest, []).append(m)
+
+    def emit(
+        self, row: ProfileRow, kind: ChangeKind, ev_id: str | None, at: int, payload: dict[str, Any]
+    ) -> None:
+        p = row.state
+        p.seq += 1
+        self.fx.changes.append(IdentityChange(kind, p.id, p.seq, ev_id, at, payload))
+        self.touched(row)
+
+    def touched(self, row: ProfileRow) -> None:
+        """The profile's content changed: row write and snapshot."""
+        self.st.put_profile(row)
+        self.fx.profiles[row.state.id] = None
+
+
+def ingest(st: PartitionState, ev: NormalizedEvent, fx: Effects | None = None) -> Effects:
+    """Raw path (§4 step 0): route a validated event to its anchor's partition, inline when that is here."""
+    fx = fx if fx is not None else Effects()
+    keys = ordered_keys(ev, st.rules)
+    if not keys:
+        fx.resolved.append(Resolved(ev, None, None))
+        return fx
+    route = Route(ev, keys)
+    dest = destination(route, st.n)
+    if dest == st.partition:
+        return handle(st, route, fx)
+    fx.sends.setdefault(dest, []).append(route)
+    return fx
+
+
+def handle(st: PartitionState, msg: Msg, fx: Effects | None = None) -> Effects:
+    """Handle one message addressed to this partition, and every message it causes here, to completion.
+
+    Deterministic for a given row state and message, so re-processing an uncommitted input after a crash
+    reproduces the same effects. Messages for other partitions end up in `fx.sends`.
+    """
+    fx = fx if fx is not None else Effects()
+    ctx = _Ctx(st, fx)
+    ctx.work.append(msg)
+    while ctx.work:
+        _dispatch(ctx, ctx.work.popleft(), from_queue=False)
+    return fx
+
+
+def _dispatch(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
+    ctx.fx.handled += 1
+    match m:
+        case Route():
+            _route(ctx, m)
+        case Claim():
+            _claim(ctx, m)
+        case Repoint():
+            row = ctx.st.get_id(m.key)
+            if row is not None and row.p == m.src:
+                row.p = m.dst
+                ctx.st.put_id(m.key, row)
+        case Release():
+            _release(ctx, m)
+        case Erase() if m.pid is None:
+            _erase_register(ctx, m)
+        case _:
+            _at_profile(ctx, m, from_queue=from_queue)
+
+
+# --- registers -------------------------------------------------------------------------------------------
+
+
+def _route(ctx: _Ctx, m: Route) -> None:
+    st, ev = ctx.st, m.ev
+    if ev.type == _ERASE_TYPE:
+        # the erase event resolves to no profile; each identifier's register is cleared at its partition
+        ctx.fx.resolved.append(Resolved(ev, None, None))
+        for key in m.keys:
+            ctx.send(Erase(key, None, ev.event_id, ev.occurred_at_ms))
+        return
+    anchor = m.keys[0]
+    row = st.get_id(anchor)
+    if row is not None and row.g:
+        rest = m.keys[1:]
+        if rest:
+            ctx.send(Route(ev, rest, m.dead))
+        else:
+            ctx.fx.resolved.append(Resolved(ev, None, None))
+        return
+    if row is not None and row.p is not None and row.p != m.dead:
+        ctx.send(Apply(row.p, ev, m.keys))
+        return
+    # free (or held by an erased profile): the event starts a profile, born here (home == part(anchor))
+    at = ev.occurred_at_ms
+    pid = new_profile_id(ev.event_id, at, st.partition, st.n, lambda x: st.get_profile(x) is not None)
+    p = ProfileState(pid, at)
+    ident = next(i for i in ev.identifiers if i.key == anchor)
+    p.add_identifier(anchor, [ident.type, at, at, ev.source, ident.verified, ev.event_id, pid, None])
+    prow = ProfileRow(p)
+    if row is None:
+        row = IdRow()
+    row.p = pid
+    st.put_id(anchor, row)
+    ctx.emit(prow, ChangeKind.CREATED, ev.event_id, at, {"identifiers": [anchor], "anchor": anchor})
+    ctx.send(Apply(pid, ev, m.keys, fresh=True))
+
+
+def _claim(ctx: _Ctx, m: Claim) -> None:
+    st, rules = ctx.st, ctx.st.rules
+    key = m.key
+    row = st.get_id(key)
+    if row is None:
+        row = IdRow()
+    if row.g:
+        ctx.send(ClaimGeneric(m.pid, key, m.ev_id, m.at, False, m.note))
+        return
+    changed = False
+    corr = False
+    if rules.tracks_neighbours and _type_of(key) in rules.generic_types:
+        nb = row.nb
+        if nb and rules.corroborate_active:
+            corr = any(_nb_code(i.key) in nb for i in m.side)
+        # strong neighbours seen across a profile boundary (core's `_track_generic`, from this register's
+        # point of view: a free value sees all of them, a held one those not held by its owner)
+        if row.p is None:
+            src = [i.key for i in m.side] + list(m.others)
+        elif row.p == m.pid:
+            src = list(m.others)
+        else:
+            src = [i.key for i in m.side]
+        gmax = rules.generic_max
+        mark = rules.generic_active
+        for other in src:
+            t = _type_of(other)
+            if other == key or t not in gmax:
+                continue
+            code = _nb_code(other)
+            if code not in nb:
+                nb.append(code)
+                changed = True
+            tag = code >> 32
+            if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
+                row.g = True
+                st.put_id(key, row)
+                ctx.send(ClaimGeneric(m.pid, key, m.ev_id, m.at, True, m.note))
+                return
+    if row.p is None:
+        row.p = m.pid
+        changed = True
+    if changed:
+        st.put_id(key, row)
+    if row.p == m.pid:
+        ctx.send(ClaimOk(m.pid, key, m.ev_id, m.at, m.side, m.note))
+    else:
+        ident = Identifier(_type_of(key), key.split(":", 1)[1] if ":" in key else "", False)
+        ctx.send(ClaimTaken(m.pid, key, row.p, m.ev_id, m.at, m.side, ident, corr or m.fresh, m.note))
+
+
+def _release(ctx: _Ctx, m: Release) -> None:
+    row = ctx.st.get_id(m.key)
+    if row is None:
+        return
+    if row.p == m.pid:
+        row.p = None
+        if m.erase:
+            row.g = False
+            row.nb = []
+        ctx.st.put_id(m.key, row)
+
+
+def _erase_register(ctx: _Ctx, m: Erase) -> None:
+    row = ctx.st.get_id(m.key)
+    if row is None:
+        return
+    owner = row.p
+    row.p, row.g, row.nb = None, False, []
+    ctx.st.put_id(m.key, row)
+    if owner is not None:
+        ctx.send(Erase(m.key, owner, m.ev_id, m.at))
+
+
+# --- profiles --------------------------------------------------------------------------------------------
+
+
+def _target(m: Msg) -> str:
+    match m:
+        case Apply() | ClaimOk() | ClaimTaken() | ClaimGeneric():
+            return m.pid
+        case MergeAsk() | MergeDone() | MergeNo():
+            return m.loser
+        case MergeOffer():
+            return m.winner
+        case Erase():
+            assert m.pid is not None
+            return m.pid
+    raise TypeError(type(m).__name__)  # pragma: no cover
+
+
+def _must_defer(row: ProfileRow, m: Msg, *, from_queue: bool) -> bool:
+    """§5.3: a locked loser defers all but its merge reply; FIFO behind `q`; merges wait for claims."""
+    if row.lk is not None:
+        return not isinstance(m, MergeDone | MergeNo)
+    if isinstance(m, Apply | MergeAsk | MergeOffer | Erase) and row.q and not from_queue:
+        return True
+    return isinstance(m, MergeAsk | MergeOffer) and bool(row.cl)
+
+
+def _at_profile(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
+    pid = _target(m)
+    row = ctx.st.get_profile(pid)
+    if row is None:
+        if isinstance(m, Apply):
+            ctx.send(Route(m.ev, m.keys, pid))
+        else:
+            ctx.fx.dropped["unknown_profile"] += 1
+        return
+    status = row.state.status
+    if status == MERGED:
+        _forward(ctx, row, m)
+        return
+    if status == ERASED:
+        _at_erased(ctx, row, m)
+        return
+    if _must_defer(row, m, from_queue=from_queue):
+        row.q.append(m)
+        ctx.st.put_profile(row)
+        return
+    match m:
+        case Apply():
+            _apply(ctx, row, m)
+        case ClaimOk():
+            _claim_ok(ctx, row, m)
+        case ClaimTaken():
+            _claim_taken(ctx, row, m)
+        case ClaimGeneric():
+            _claim_generic(ctx, row, m)
+        case MergeAsk():
+            _merge_ask(ctx, row, m)
+        case MergeOffer():
+            _merge_offer(ctx, row, m)
+        case MergeDone():
+            _merge_done(ctx, row, m)
+        case MergeNo():
+            _merge_no(ctx, row, m)
+        case Erase():
+            _erase_profile(ctx, row, m)
+        case _:  # pragma: no cover
+            raise TypeError(type(m).__name__)
+    _drain(ctx, row)
+
+
+def _drain(ctx: _Ctx, row: ProfileRow) -> None:
+    """Re-process deferred messages in order while nothing blocks the head (a lock, a merge behind claims)."""
+    while row.q and row.state.status == ACTIVE and not _must_defer(row, row.q[0], from_queue=True):
+        m = row.q.pop(0)
+        ctx.st.put_profile(row)
+        _dispatch(ctx, m, from_queue=True)
+    if row.q and row.state.status != ACTIVE:
+        # erased (or merged) meanwhile: whatever waited follows §3 from here
+        pending, row.q = row.q, []
+        ctx.st.put_profile(row)
+        for m in pending:
+            ctx.send(m)
+
+
+def _forward(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
+    """§3 forwarding rule: a merged stub re-sends to `into` (always a smaller id, so chains end)."""
+    into = row.state.merged_into
+    assert into is not None
+    match m:
+        case Apply():
+            ctx.send(Apply(into, m.ev, m.keys))
+        case ClaimOk():
+            ctx.send(ClaimOk(into, m.key, m.ev_id, m.at, m.side, m.note))
+        case ClaimTaken():
+            ctx.send(ClaimTaken(into, m.key, m.owner, m.ev_id, m.at, m.side, m.ident, m.corr, m.note))
+        case ClaimGeneric():
+            ctx.send(ClaimGeneric(into, m.key, m.ev_id, m.at, m.newly, m.note))
+        case MergeAsk():
+            loser, winner, side_l, side_w = into, m.winner, m.side_l, m.side_w
+            if loser == winner:
+                ctx.fx.dropped["merge_already_done"] += 1
+                return
+            if loser < winner:
+                loser, winner, side_l, side_w = winner, loser, side_w, side_l
+            ctx.send(MergeAsk(loser, winner, side_l, side_w, m.ev_id, m.at, m.corr))
+        case MergeOffer():
+            ctx.send(MergeOffer(into, m.loser, m.state, m.side_w, m.side_l, m.ev_id, m.at, m.corr))
+        case MergeDone() | MergeNo():
+            ctx.fx.dropped["reply_at_stub"] += 1  # idempotent: the merge already completed
+        case Erase():
+            ctx.send(Erase(m.key, into, m.ev_id, m.at))
+        case _:  # pragma: no cover
+            raise TypeError(type(m).__name__)
+
+
+def _at_erased(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
+    """§3: an erased profile turns `Apply` into a new profile and `ClaimOk` into `Release`."""
+    match m:
+        case Apply():
+            ctx.send(Route(m.ev, m.keys, row.state.id))
+        case ClaimOk() if not m.note:
+            ctx.send(Release(m.key, row.state.id, True))
+        case MergeOffer():
+            # the loser is locked waiting for an answer: refuse rather than drop (design doc change)
+            ctx.send(MergeNo(m.loser, m.winner))
+        case _:
+            ctx.fx.dropped["erased_profile"] += 1
+
+
+class _View:
+    """`view(P)`: P with its claims in flight counted as present, for `check_attach` (§4 step 2c)."""
+
+    __slots__ = ("added", "p")
+
+    def __init__(self, p: ProfileState, cl: dict[str, IdentRecord]) -> None:
+        self.p = p
+        self.added: list[str] = []
+        for k, rec in cl.items():
+            self.add(k, rec)
+
+    def add(self, key: str, rec: IdentRecord) -> None:
+        self.p.add_identifier(key, rec)
+        self.added.append(key)
+
+    def close(self) -> None:
+        for k in self.added:
+            self.p.remove_identifier(k)
+
+
+def _ident(ev: NormalizedEvent, key: str) -> Identifier:
+    for i in ev.identifiers:
+        if i.key == key:
+            return i
+    raise KeyError(key)  # pragma: no cover - keys come from the event
+
+
+def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
+    p, ev, rules = row.state, m.ev, ctx.st.rules
+    at, ev_id = ev.occurred_at_ms, ev.event_id
+    # step "resolve": exactly once per event (only a non-forwarded, non-deferred Apply gets here)
+    ctx.fx.resolved.append(Resolved(ev, p.id, m.keys[0]))
+    # step "touch" + "aggregate"
+    ids = p.ids
+    held = [k for k in m.keys if k in ids]
+    for k in held:
+        held_rec = ids[k]
+        if at > held_rec[R_LAST]:
+            held_rec[R_LAST] = at
+        if not held_rec[R_VERIFIED] and _ident(ev, k).verified:
+            held_rec[R_VERIFIED] = True
+    _aggregate(p, ev)
+    ctx.touched(row)
+    # step "claim": every identifier not held nor in flight, in priority order, as check_attach allows
+    held_set = set(held)
+    side: list[Identifier] = []
+    claims: list[tuple[str, tuple[Identifier, ...]]] = []
+    refusals: list[tuple[str, Refusal]] = []
+    view = _View(p, row.cl)
+    try:
+        for k in m.keys:
+            ident = _ident(ev, k)
+            if k in held_set or k in row.cl:
+                side.append(ident)
+                continue
+            refusal = check_attach(p, ident, rules, at)
+            if refusal is not None:
+                refusals.append((k, refusal))
+                continue
+            rec: IdentRecord = [ident.type, at, at, ev.source, ident.verified, ev_id, p.id, None]
+            row.cl[k] = rec
+            view.add(k, rec)
+            claims.append((k, tuple(side)))
+            side.append(ident)
+    finally:
+        view.close()
+    for k, refusal in refusals:
+        ctx.emit(
+            row,
+            ChangeKind.REFUSED,
+            ev_id,
+            at,
+            {"rule": refusal.rule, "detail": refusal.detail, "identifiers": [k], "other_profile_id": None},
+        )
+    for k, bridge in claims:
+        bridge_keys = {i.key for i in bridge}
+        others = tuple(x for x in m.keys if x != k and x not in bridge_keys)
+        ctx.send(Claim(p.id, k, ev_id, at, bridge, others, False, m.fresh))
+    # step "notes": held soft values seen with strong values from outside P feed generic detection
+    if rules.tracks_neighbours and len(m.keys) > 1:
+        outside = tuple(x for x in m.keys if x not in held_set)
+        if any(_type_of(x) in rules.generic_max for x in outside):
+            for k in held:
+                if _type_of(k) in rules.generic_types:
+                    rest = tuple(_ident(ev, x) for x in held if x != k)
+                    ctx.send(Claim(p.id, k, ev_id, at, rest, outside, True, False))
+    if claims:
+        ctx.st.put_profile(row)
+
+
+def _aggregate(p: ProfileState, ev: NormalizedEvent) -> None:
+    """Per-event aggregate, equal to the core's `IdentityGraph._aggregate` (without its `on_event` hook).
+
+    TODO: use core's public aggregate once exposed.
+    """
+    at = ev.occurred_at_ms
+    p.events += 1
+    if at > p.last_ms:
+        p.last_ms = at
+    if at < p.first_ms:
+        p.first_ms = at
+    for slots, name in ((p.channels, ev.channel), (p.sources, ev.source)):
+        slot = slots.get(name)
+        if slot is None:
+            slots[name] = [1, at]
+        else:
+            slot[0] += 1
+            if at > slot[1]:
+                slot[1] = at
+    if ev.type in _ORDER_TYPES:
+        p.orders += 1
+        attrs = ev.attributes
+        total = attrs.get("total")
+        if total is not None:
+            cur = str(attrs.get("currency") or "XXX")
+            try:
+                amount = total if isinstance(total, Decimal) else Decimal(str(total))
+            except InvalidOperation:
+                amount = None
+            if amount is not None:
+                p.revenue[cur] = p.revenue.get(cur, Decimal(0)) + amount
+
+
+def _claim_ok(ctx: _Ctx, row: ProfileRow, m: ClaimOk) -> None:
+    p = row.state
+    rec = row.cl.pop(m.key, None)
+    if rec is None:
+        if m.key not in p.ids and not m.note:
+            ctx.send(Release(m.key, p.id))  # the register names P but P does not hold it: undo
+        return
+    p.add_identifier(m.key, rec)
+    ctx.emit(
+        row, ChangeKind.ATTACHED, m.ev_id, m.at, {"identifier": m.key, "bridge": [i.key for i in m.side]}
+    )
+
+
+def _claim_generic(ctx: _Ctx, row: ProfileRow, m: ClaimGeneric) -> None:
+    if row.cl.pop(m.key, None) is not None:
+        ctx.st.put_profile(row)
+    if m.newly:
+        ctx.emit(
+            row,
+            ChangeKind.REFUSED,
+            m.ev_id,
+            m.at,
+            {
+                "rule": RULE_GENERIC,
+                "detail": "value seen with too many distinct strong identifiers",
+                "identifiers": [m.key],
+                "other_profile_id": None,
+            },
+        )
+
+
+def _claim_taken(ctx: _Ctx, row: ProfileRow, m: ClaimTaken) -> None:
+    p = row.state
+    if row.cl.pop(m.key, None) is not None:
+        ctx.st.put_profile(row)
+    q = m.owner
+    if q == p.id or q in p.merged_from:
+        return  # already one profile
+    side_p, side_q = m.side, (m.ident,)
+    if p.id > q:
+        ctx.send(MergeAsk(p.id, q, side_p, side_q, m.ev_id, m.at, m.corr))
+    else:
+        ctx.send(MergeAsk(q, p.id, side_q, side_p, m.ev_id, m.at, m.corr))
+
+
+def _merge_ask(ctx: _Ctx, row: ProfileRow, m: MergeAsk) -> None:
+    p = row.state
+    if m.winner == p.id or m.winner in p.merged_from:
+        ctx.fx.dropped["merge_already_done"] += 1
+        return
+    row.lk = m.winner
+    ctx.st.put_profile(row)
+    # a JSON round trip: the offer must not share mutable parts with the row (inline delivery)
+    state = orjson.loads(orjson.dumps(p.to_dict(), default=_default))
+    ctx.send(MergeOffer(m.winner, p.id, state, m.side_w, m.side_l, m.ev_id, m.at, m.corr))
+
+
+def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
+    w = row.state
+    if m.loser in w.merged_from:
+        ctx.send(MergeDone(m.loser, w.id))  # idempotent re-offer
+        return
+    loser = ProfileState.from_dict(m.state)
+    refusal = check_merge(w, loser, m.side_w, m.side_l, ctx.st.rules, m.at, corroborated=m.corr)
+    if refusal is not None:
+        ctx.emit(
+            row,
+            ChangeKind.REFUSED,
+            m.ev_id,
+            m.at,
+            {
+                "rule": refusal.rule,
+                "detail": refusal.detail,
+                "identifiers": sorted({i.key for i in (*m.side_w, *m.side_l)}),
+                "other_profile_id": loser.id,
+            },
+        )
+        ctx.send(MergeNo(m.loser, w.id))
+        return
+    moved = sorted(loser.ids)
+    w.absorb(loser)
+    ctx.emit(
+        row,
+        ChangeKind.MERGED,
+        m.ev_id,
+        m.at,
+        {
+            "merged_profile_id": loser.id,
+            "identifiers_moved": moved,
+            "bridge": [i.key for i in m.side_w],
+            "bridge_other": [i.key for i in m.side_l],
+        },
+    )
+    ctx.send(MergeDone(m.loser, w.id))
+
+
+def _merge_done(ctx: _Ctx, row: ProfileRow, m: MergeDone) -> None:
+    p = row.state
+    if row.lk is None:
+        ctx.fx.dropped["unexpected_merge_reply"] += 1
+        return
+    moved = sorted(p.ids)
+    p.status = MERGED
+    p.merged_into = m.winner
+    p.ids = {}
+    p.types = {}
+    row.lk = None
+    ctx.touched(row)  # snapshot → tombstone
+    for key in moved:
+        ctx.send(Repoint(key, p.id, m.winner))
+    pending, row.q = row.q, []
+    for deferred in pending:
+        _forward(ctx, row, deferred)
+
+
+def _merge_no(ctx: _Ctx, row: ProfileRow, m: MergeNo) -> None:
+    if row.lk is None:
+        ctx.fx.dropped["unexpected_merge_reply"] += 1
+        return
+    row.lk = None
+    ctx.st.put_profile(row)  # `_drain` runs next
+
+
+def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:
+    p = row.state
+    keys = sorted(p.ids)
+    p.wipe(ERASED)
+    row.cl = {}  # replies to claims in flight turn into Release at the erased row (§3)
+    p.seq += 1
+    ctx.fx.changes.append(IdentityChange(ChangeKind.ERASED, p.id, p.seq, m.ev_id, m.at, {}))
+    ctx.touched(row)
+    for key in keys:
+        ctx.send(Release(key, p.id, True))
