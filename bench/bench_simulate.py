@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,12 +25,14 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="omnistitch-sim-"))
     summary = simulate(SimConfig(people=args.people, days=args.days, seed=args.seed), out)
+    if args.out is None:  # a gigabyte of throwaway files: keep them only when asked to
+        shutil.rmtree(out)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"people={summary.people} events={summary.events} unique={summary.unique_events} "
         f"seconds={summary.seconds:.1f} events_per_s={summary.events / summary.seconds:,.0f} "
         f"all_jsonl_mb={summary.bytes_all / 1e6:.0f} total_mb={summary.bytes_total / 1e6:.0f} "
-        f"max_rss_mb={rss_mb:.0f} out={out}"
+        f"max_rss_mb={rss_mb:.0f}" + (f" out={out}" if args.out else "")
     )
 
 

@@ -24,6 +24,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from streams.topic_reader import TopicNotFound, read_to_end
+
 __all__ = [
     "Scores",
     "assignments_command",
@@ -354,50 +356,14 @@ def evaluate_command(
 
 def read_topic_to_end(bootstrap: str, topic: str, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
     """Every committed JSON record of `topic` up to its current end (read_committed, no offsets kept)."""
-    import uuid
-
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"omnistitch-assignments-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
     try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise typer.BadParameter(f"topic {topic!r} not found on {bootstrap}")
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in metadata.partitions
-        }
-        pending = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
-        import time
-
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                # under read_committed the end may be a transaction marker: done once the position passes it
-                for tp in consumer.position([TopicPartition(topic, p) for p in list(pending)]):
-                    if tp.offset >= ends[tp.partition]:
-                        pending.discard(tp.partition)
-                continue
-            if msg.error():
-                continue
-            value = msg.value()
-            if value:
-                yield orjson.loads(value)
-            if (msg.offset() or 0) + 1 >= ends[msg.partition()]:
-                pending.discard(msg.partition())
-        if pending:
-            raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to the end in {timeout}s")
-    finally:
-        consumer.close()
+        messages = read_to_end(bootstrap, topic, timeout)
+    except TopicNotFound as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for message in messages:
+        value = message.value()
+        if value:
+            yield orjson.loads(value)
 
 
 def assignments_command(

@@ -16,19 +16,19 @@ Rule decisions stay in the core's pure `check_attach` / `check_merge`; this modu
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, ClassVar, Literal, Protocol
 
 import orjson
 
 from streams.core import ChangeKind, IdentityChange, ProfileState, Refusal, Rules, check_attach, check_merge
+from streams.core.graph import ERASE_TYPE
 from streams.core.ids import derive_profile_id
 from streams.core.rules import RULE_GENERIC
-from streams.core.state import ACTIVE, ERASED, MERGED, R_LAST, R_VERIFIED, IdentRecord
+from streams.core.state import ACTIVE, ERASED, MERGED, R_LAST, R_VERIFIED, IdentRecord, neighbour_code
 from streams.events import Identifier, NormalizedEvent
 from streams.produce import murmur2_partition
 
@@ -70,10 +70,6 @@ __all__ = [
 ]
 
 ENVELOPE_VERSION = 1
-# TODO: use core's public constants once exposed (streams.core.graph.ORDER_TYPES / ERASE_TYPE are module
-# internals of graph.py today; kept equal here)
-_ORDER_TYPES = frozenset({"order_placed", "store_purchase"})
-_ERASE_TYPE = "erase"
 
 # ------------------------------------------------------------------------------------------------------------
 # Routing (§0, §2)
@@ -112,14 +108,6 @@ def ordered_keys(ev: NormalizedEvent, rules: Rules) -> tuple[str, ...]:
 
 def _type_of(key: str) -> str:
     return key.split(":", 1)[0]
-
-
-def _nb_code(key: str) -> int:
-    """Neighbour code, bit for bit the core's `_nb_code` (16-bit type tag, crc32 of the key).
-
-    TODO: use core's public neighbour code once exposed (streams.core.graph._nb_code is private).
-    """
-    return ((zlib.crc32(_type_of(key).encode()) & 0xFFFF) << 32) | zlib.crc32(key.encode())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -780,7 +768,7 @@ def _dispatch(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
 
 def _route(ctx: _Ctx, m: Route) -> None:
     st, ev = ctx.st, m.ev
-    if ev.type == _ERASE_TYPE:
+    if ev.type == ERASE_TYPE:
         # the erase event resolves to no profile; each identifier's register is cleared at its partition
         ctx.fx.resolved.append(Resolved(ev, None, None))
         for key in m.keys:
@@ -827,7 +815,7 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
     if rules.tracks_neighbours and _type_of(key) in rules.generic_types:
         nb = row.nb
         if nb and rules.corroborate_active:
-            corr = any(_nb_code(i.key) in nb for i in m.side)
+            corr = any(neighbour_code(i.key) in nb for i in m.side)
         # strong neighbours seen across a profile boundary (core's `_track_generic`, from this register's
         # point of view: a free value sees all of them, a held one those not held by its owner)
         if row.p is None:
@@ -842,7 +830,7 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
             t = _type_of(other)
             if other == key or t not in gmax:
                 continue
-            code = _nb_code(other)
+            code = neighbour_code(other)
             if code not in nb:
                 nb.append(code)
                 changed = True
@@ -1057,7 +1045,7 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
             held_rec[R_LAST] = at
         if not held_rec[R_VERIFIED] and _ident(ev, k).verified:
             held_rec[R_VERIFIED] = True
-    _aggregate(p, ev)
+    p.record_event(ev)
     ctx.touched(row)
     # step "claim": every identifier not held nor in flight, in priority order, as check_attach allows
     held_set = set(held)
@@ -1104,39 +1092,6 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
                     ctx.send(Claim(p.id, k, ev_id, at, rest, outside, True, False))
     if claims:
         ctx.st.put_profile(row)
-
-
-def _aggregate(p: ProfileState, ev: NormalizedEvent) -> None:
-    """Per-event aggregate, equal to the core's `IdentityGraph._aggregate` (without its `on_event` hook).
-
-    TODO: use core's public aggregate once exposed.
-    """
-    at = ev.occurred_at_ms
-    p.events += 1
-    if at > p.last_ms:
-        p.last_ms = at
-    if at < p.first_ms:
-        p.first_ms = at
-    for slots, name in ((p.channels, ev.channel), (p.sources, ev.source)):
-        slot = slots.get(name)
-        if slot is None:
-            slots[name] = [1, at]
-        else:
-            slot[0] += 1
-            if at > slot[1]:
-                slot[1] = at
-    if ev.type in _ORDER_TYPES:
-        p.orders += 1
-        attrs = ev.attributes
-        total = attrs.get("total")
-        if total is not None:
-            cur = str(attrs.get("currency") or "XXX")
-            try:
-                amount = total if isinstance(total, Decimal) else Decimal(str(total))
-            except InvalidOperation:
-                amount = None
-            if amount is not None:
-                p.revenue[cur] = p.revenue.get(cur, Decimal(0)) + amount
 
 
 def _claim_ok(ctx: _Ctx, row: ProfileRow, m: ClaimOk) -> None:

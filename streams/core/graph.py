@@ -17,7 +17,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -36,6 +35,7 @@ from streams.core.state import (
     R_VIA,
     IdentRecord,
     ProfileState,
+    neighbour_code,
 )
 from streams.core.store import MemoryStore, Store
 from streams.events import Identifier, NormalizedEvent
@@ -43,7 +43,6 @@ from streams.exceptions import UnknownProfileOrIdentifier
 
 __all__ = ["ChangeKind", "IdentityChange", "IdentityGraph", "LinkResult"]
 
-ORDER_TYPES = frozenset({"order_placed", "store_purchase"})
 ERASE_TYPE = "erase"
 
 
@@ -88,8 +87,7 @@ _SHARED_MARK = b"s"
 
 
 def _nb_code(ident: Identifier) -> int:
-    """Neighbour code: 16-bit tag of the type, 32-bit crc of the key (no raw value kept)."""
-    return ((zlib.crc32(ident.type.encode()) & 0xFFFF) << 32) | zlib.crc32(ident.key.encode())
+    return neighbour_code(ident.key)
 
 
 def _corroborated(side_a: list[Identifier], side_b: list[Identifier], prior: dict[str, list[int]]) -> bool:
@@ -348,38 +346,7 @@ class IdentityGraph:
         return self._link_slow(ev, keys, idents, owners)
 
     def _aggregate(self, p: ProfileState, ev: NormalizedEvent) -> None:
-        at = ev.occurred_at_ms
-        p.events += 1
-        if at > p.last_ms:
-            p.last_ms = at
-        if at < p.first_ms:
-            p.first_ms = at
-        slot = p.channels.get(ev.channel)
-        if slot is None:
-            p.channels[ev.channel] = [1, at]
-        else:
-            slot[0] += 1
-            if at > slot[1]:
-                slot[1] = at
-        slot = p.sources.get(ev.source)
-        if slot is None:
-            p.sources[ev.source] = [1, at]
-        else:
-            slot[0] += 1
-            if at > slot[1]:
-                slot[1] = at
-        if ev.type in ORDER_TYPES:
-            p.orders += 1
-            attrs = ev.attributes
-            total = attrs.get("total")
-            if total is not None:
-                cur = str(attrs.get("currency") or "XXX")
-                try:
-                    amount = total if isinstance(total, Decimal) else Decimal(str(total))
-                except InvalidOperation:
-                    amount = None
-                if amount is not None:
-                    p.revenue[cur] = p.revenue.get(cur, Decimal(0)) + amount
+        p.record_event(ev)
         if self._on_event is not None:
             self._on_event(p, ev)
         self._dirty_p[p.id] = p

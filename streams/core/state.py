@@ -6,15 +6,19 @@ orjson encoding; identifier records are small lists indexed by the `R_*` constan
 
 from __future__ import annotations
 
-from decimal import Decimal
+import zlib
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
+
+from streams.events import NormalizedEvent
 
 __all__ = [
     "ACTIVE",
     "ERASED",
     "MERGED",
+    "ORDER_TYPES",
     "R_FIRST",
     "R_LAST",
     "R_NB",
@@ -25,7 +29,11 @@ __all__ = [
     "R_VIA",
     "IdentRecord",
     "ProfileState",
+    "neighbour_code",
 ]
+
+# Event types whose `total` counts as an order and revenue on the person's profile.
+ORDER_TYPES = frozenset({"order_placed", "store_purchase"})
 
 ACTIVE = "active"
 MERGED = "merged"
@@ -35,6 +43,15 @@ ERASED = "erased"
 #                            origin_profile_id, neighbours {strong type: [crc32, ...]} | None]
 R_TYPE, R_FIRST, R_LAST, R_SOURCE, R_VERIFIED, R_VIA, R_ORIGIN, R_NB = range(8)
 IdentRecord = list[Any]
+
+
+def neighbour_code(key: str) -> int:
+    """An identifier key as a 48-bit code: 16-bit tag of its type, crc32 of the key (no raw value kept).
+
+    Generic-value and corroboration tracking remember neighbours by this code, in the core and in the
+    partitioned protocol alike, so both must compute it the same way.
+    """
+    return ((zlib.crc32(key.partition(":")[0].encode()) & 0xFFFF) << 32) | zlib.crc32(key.encode())
 
 
 class ProfileState:
@@ -84,6 +101,34 @@ class ProfileState:
         self.merged_from: tuple[str, ...] = ()
         self.split_from: str | None = None
         self.extra: dict[str, Any] = {}
+
+    def record_event(self, ev: NormalizedEvent) -> None:
+        """Fold one event into the aggregates: events, activity window, channels, sources, orders."""
+        at = ev.occurred_at_ms
+        self.events += 1
+        if at > self.last_ms:
+            self.last_ms = at
+        if at < self.first_ms:
+            self.first_ms = at
+        for slots, name in ((self.channels, ev.channel), (self.sources, ev.source)):
+            slot = slots.get(name)
+            if slot is None:
+                slots[name] = [1, at]
+            else:
+                slot[0] += 1
+                if at > slot[1]:
+                    slot[1] = at
+        if ev.type in ORDER_TYPES:
+            self.orders += 1
+            attrs = ev.attributes
+            total = attrs.get("total")
+            if total is not None:
+                try:
+                    amount = total if isinstance(total, Decimal) else Decimal(str(total))
+                except InvalidOperation:
+                    return
+                currency = str(attrs.get("currency") or "XXX")
+                self.revenue[currency] = self.revenue.get(currency, Decimal(0)) + amount
 
     def wipe(self, status: str) -> None:
         """Drop every identifier and aggregate (erase), keeping id and seq."""

@@ -14,7 +14,7 @@ from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from tests.integration.kafkatools import read_topic
+from streams.topic_reader import read_to_end as read_topic
 
 PARTITIONS = 4
 KEYS = [f"phone:+7916{n:07d}" for n in range(200)]

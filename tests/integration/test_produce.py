@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from streams.cli import app
 from streams.produce import ChannelProducer, event_key, murmur2_partition, produce_files
 from streams.simulate import SimConfig, simulate
+from streams.topic_reader import read_to_end as read_topic
 from streams.validate import validate_event
-from tests.integration.kafkatools import read_topic
 
 pytestmark = pytest.mark.integration
 

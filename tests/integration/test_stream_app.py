@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
-from tests.integration.kafkatools import read_topic
+from streams.topic_reader import read_to_end as read_topic
 from tests.integration.workers import Worker, topic_values, wait_for
 
 

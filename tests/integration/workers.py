@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from tests.integration.kafkatools import read_topic
+from streams.topic_reader import read_to_end as read_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 
