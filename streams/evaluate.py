@@ -167,17 +167,20 @@ def assignments_from_resolved(
     """Final profile per event from the stream app's output, as `replay --assignments` would write it.
 
     A resolved event carries the profile it joined *at resolve time*; later merges move it on. `changes`
-    are `identity.changes` records: any record with `profile_id` and a non-null `merged_into` says that
-    profile was folded into another, and the chain is followed to its end (cycles are cut). The last
+    are `identity.changes` records: a `profiles_merged` record says each id in `merged` was folded into its
+    `survivor`, and the chain is followed to its end (cycles are cut). The last
     resolved record of an event wins (at-least-once delivery may repeat one). Limitation: a later *split*
     moves some identifiers to a new profile, which this chain cannot tell per event; after splits, prefer
     the offline replay's assignments.
     """
     merged_into: dict[str, str] = {}
     for change in changes:
-        source, target = change.get("profile_id"), change.get("merged_into")
-        if source and target and source != target:
-            merged_into[str(source)] = str(target)
+        if change.get("kind") != "profiles_merged":
+            continue
+        survivor = str(change["survivor"])
+        for merged in change.get("merged") or ():
+            if merged != survivor:
+                merged_into[str(merged)] = survivor
     out: dict[str, str | None] = {}
     for rec in resolved:
         profile = rec.get("profile_id")

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
+from streams.evaluate import assignments_from_resolved, read_topic_to_end
 from streams.topic_reader import read_to_end as read_topic
 from tests.integration.workers import Worker, topic_values, wait_for
 
@@ -122,6 +123,12 @@ def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None
     assert profile["orders"] == {"count": 1, "revenue": {"RUB": "1290.00"}}
     assert set(profile["channels"]) == {"store", "site", "mobile_app"}
     assert web["profile_id"] in profile["merged_from"]
+    # what `omnistitch assignments` computes from the topics: every event ends in the survivor
+    final = assignments_from_resolved(
+        read_topic_to_end(kafka_bootstrap, "events.resolved"),
+        read_topic_to_end(kafka_bootstrap, "identity.changes"),
+    )
+    assert {final[f"{run}-{name}"] for name in ("pos", "web", "app")} == {survivor}
 
 
 def test_bad_input_goes_to_dlq_with_original_bytes(worker: Worker, kafka_bootstrap: str) -> None:

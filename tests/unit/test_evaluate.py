@@ -92,11 +92,11 @@ def test_assignments_from_resolved_follows_merge_chains() -> None:
         {"event_id": "e5", "profile_id": "C1"},
     ]
     changes = [
-        {"profile_id": "P1", "merged_into": "P2"},
-        {"profile_id": "P2", "merged_into": "P3"},
-        {"profile_id": "P3", "merged_into": None},
-        {"profile_id": "C1", "merged_into": "C2"},
-        {"profile_id": "C2", "merged_into": "C1"},  # a cycle must not hang
+        {"kind": "profiles_merged", "profile_id": "P2", "survivor": "P2", "merged": ["P1"]},
+        {"kind": "profiles_merged", "profile_id": "P3", "survivor": "P3", "merged": ["P2"]},
+        {"kind": "identifiers_attached", "profile_id": "P3", "identifiers": ["email:a@b.ru"]},
+        {"kind": "profiles_merged", "profile_id": "C2", "survivor": "C2", "merged": ["C1"]},
+        {"kind": "profiles_merged", "profile_id": "C1", "survivor": "C1", "merged": ["C2"]},  # cycle
     ]
     final = assignments_from_resolved(resolved, changes)
     assert final["e1"] == final["e2"] == final["e3"] == "P3"
