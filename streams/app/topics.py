@@ -55,12 +55,13 @@ def create_topics(settings: AppSettings, timeout: float = 30.0) -> dict[str, str
                 raise
             outcome[name] = "exists"
     # faust's assignor silently skips co-partitioned topics whose partition count differs from the app's
-    # (the worker then reads nothing): refuse to start instead.
+    # (the worker then reads nothing): refuse to start instead. Topics created just now are right by
+    # construction (and may not be in the metadata yet).
     existing = admin.list_topics(timeout=timeout).topics
     wrong = {
         name: len(existing[name].partitions)
         for name, parts, _ in plan
-        if len(existing[name].partitions) != parts
+        if outcome[name] == "exists" and len(existing[name].partitions) != parts
     }
     if wrong:
         detail = ", ".join(f"{name} has {count}" for name, count in sorted(wrong.items()))
