@@ -188,6 +188,12 @@ class NormalizationSettings:
             values, patterns = _read_blocklist(Path(path))
             changes["blocked_values"] = _merge(DEFAULT_BLOCKED_VALUES, values, frozenset.union)
             changes["blocked_patterns"] = _merge(DEFAULT_BLOCKED_PATTERNS, patterns, tuple.__add__)
+        if hashed := env.get("OMNISTITCH_HASHED_TYPES", "").strip():
+            changes["hashed_types"] = frozenset(t.strip() for t in hashed.split(",") if t.strip())
+        if size := env.get("OMNISTITCH_MAX_EVENT_BYTES", "").strip():
+            if not size.isdigit():
+                raise ConfigError(f"OMNISTITCH_MAX_EVENT_BYTES={size!r} is not a whole number of bytes")
+            changes["max_event_bytes"] = int(size)
         return replace(cls(), **changes)
 
 

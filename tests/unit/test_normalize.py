@@ -208,8 +208,14 @@ def test_from_env_reads_every_variable(tmp_path: Path) -> None:
             "OMNISTITCH_HMAC_KEY": "s" * 20,
             "OMNISTITCH_BLOCKLIST_FILE": str(blocklist),
             "OMNISTITCH_EMAIL_PROVIDER_RULES": "yes",
+            "OMNISTITCH_HASHED_TYPES": "phone, email,customer_id",
+            "OMNISTITCH_MAX_EVENT_BYTES": "65536",
         }
     )
+    assert loaded.hashed_types == {"phone", "email", "customer_id"}
+    assert loaded.max_event_bytes == 65536
+    with pytest.raises(ConfigError):
+        NormalizationSettings.from_env({"OMNISTITCH_MAX_EVENT_BYTES": "1MB"})
     assert loaded.default_region == "KZ"
     assert loaded.hmac_key == b"s" * 20
     assert loaded.email_provider_rules
