@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=int(os.environ.get("OMNISTITCH_BENCH_EVENTS", "1000000")))
     ap.add_argument("--per-person", type=int, default=12, help="Average events per person (default 12).")
     ap.add_argument("--cache-profiles", type=int, default=None, help="Hot cache size (profiles).")
+    ap.add_argument("--flush-every", type=int, default=None, help="Events per write batch (graph default).")
     ap.add_argument("--unprotected", action="store_true", help="Merge protection off (plain components).")
     ap.add_argument("--no-history", action="store_true", help="Do not store change history (explain).")
     ap.add_argument("--json", action="store_true")
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     n_events = n_links = 0
     with tempfile.TemporaryDirectory(prefix="omnistitch-bench-") as tmp:
         extra: dict[str, Any] = {} if args.cache_profiles is None else {"cache_profiles": args.cache_profiles}
+        if args.flush_every is not None:
+            extra["flush_every"] = args.flush_every
         graph = IdentityGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
         link = graph.link
         gc.freeze()

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+import streams.replay as replay_module
 from streams.cli import app
 
 runner = CliRunner()
@@ -157,3 +158,30 @@ def test_replay_rules_file_from_env_and_bad_rules(kolya_file: Path, tmp_path: Pa
         ],
     )
     assert bad.exit_code == 2 and "protection.enabled" in bad.output
+
+
+def test_parallel_validation_gives_the_same_output_as_in_process(
+    kolya_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # blocks of 2 lines across 2 worker processes: results must come back in input order, events intact
+    monkeypatch.setattr(replay_module, "_CHUNK_LINES", 2)
+    runs = []
+    for workers in (0, 2):
+        out, res = tmp_path / f"a{workers}.jsonl", tmp_path / f"r{workers}.jsonl"
+        summary = replay_module.replay(
+            [kolya_file], tmp_path / f"s{workers}", out, resolved=res, workers=workers
+        )
+        resolved = [{k: v for k, v in r.items() if k != "resolved_at_ms"} for r in read(res)]
+        runs.append((out.read_bytes(), resolved, summary.lines, summary.valid, dict(summary.invalid)))
+    assert runs[0] == runs[1]
+    assert runs[1][2:] == (6, 5, {"not_json": 1})
+
+
+def test_replay_workers_env_must_be_a_number(kolya_file: Path, tmp_path: Path) -> None:
+    args = ["replay", str(kolya_file), "--state", str(tmp_path / "s"), "--assignments", str(tmp_path / "a")]
+    r = runner.invoke(app, args, env={"OMNISTITCH_REPLAY_WORKERS": "many"})
+    assert r.exit_code == 2
+    assert "OMNISTITCH_REPLAY_WORKERS" in r.output
+    r = runner.invoke(app, args, env={"OMNISTITCH_REPLAY_WORKERS": "1"})
+    assert r.exit_code == 0, r.output
+    assert len(read(tmp_path / "a")) == 5
