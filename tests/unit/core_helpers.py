@@ -1,9 +1,11 @@
-"""Event builders shared by the core tests."""
+"""Event builders and hypothesis strategies shared by the core and protocol tests."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
+
+from hypothesis import strategies as st
 
 from streams.events import Identifier, NormalizedEvent
 
@@ -52,3 +54,25 @@ def order(
         attributes={"total": Decimal(total), "currency": currency, "order_id": event_id},
         **kw,
     )
+
+
+# A small identifier pool, so random events collide often: merges, limits and generic values all happen.
+POOL = (
+    [f"customer_id:c{i}" for i in range(3)]
+    + [f"loyalty_card:l{i}" for i in range(3)]
+    + [f"phone:+7{i}" for i in range(4)]
+    + [f"email:e{i}@x.com" for i in range(5)]
+    + [f"device_id:d{i}" for i in range(4)]
+    + [f"cookie_id:k{i}" for i in range(6)]
+)
+
+
+def event_specs(types: list[str]) -> st.SearchStrategy[list[tuple[list[tuple[str, bool]], str, int]]]:
+    """Lists of ([(key, verified)], event type, jitter ms) for property tests; `types` sets type weights."""
+    identifier = st.tuples(st.sampled_from(POOL), st.booleans())
+    event = st.tuples(
+        st.lists(identifier, min_size=1, max_size=4, unique_by=lambda x: x[0]),
+        st.sampled_from(types),
+        st.integers(min_value=-5_000, max_value=5_000),  # out-of-order jitter
+    )
+    return st.lists(event, min_size=1, max_size=40)

@@ -43,23 +43,10 @@ from streams.app.protocol import (
 from streams.core import IdentityGraph, ProfileState, Rules, load_rules
 from streams.core.state import ACTIVE
 from streams.events import Identifier, NormalizedEvent
+from tests.unit.core_helpers import event_specs
 from tests.unit.protocol_sim import Final, Sim
 
-POOL = (
-    [f"customer_id:c{i}" for i in range(3)]
-    + [f"loyalty_card:l{i}" for i in range(3)]
-    + [f"phone:+7{i}" for i in range(4)]
-    + [f"email:e{i}@x.com" for i in range(5)]
-    + [f"device_id:d{i}" for i in range(4)]
-    + [f"cookie_id:k{i}" for i in range(6)]
-)
-_identifier = st.tuples(st.sampled_from(POOL), st.booleans())
-_event = st.tuples(
-    st.lists(_identifier, min_size=1, max_size=4, unique_by=lambda x: x[0]),
-    st.sampled_from(["page_view", "page_view", "order_placed", "login"]),
-    st.integers(min_value=-5_000, max_value=5_000),
-)
-events_st = st.lists(_event, min_size=1, max_size=40)
+events_st = event_specs(["page_view", "page_view", "order_placed", "login"])
 sched_st = st.tuples(
     st.sampled_from([1, 3, 8]),  # partitions
     st.integers(min_value=0, max_value=2**32 - 1),  # scheduler seed
