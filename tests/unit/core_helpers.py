@@ -76,3 +76,26 @@ def event_specs(types: list[str]) -> st.SearchStrategy[list[tuple[list[tuple[str
         st.integers(min_value=-5_000, max_value=5_000),  # out-of-order jitter
     )
     return st.lists(event, min_size=1, max_size=40)
+
+
+def events_from_specs(
+    spec: list[tuple[list[tuple[str, bool]], str, int]], erase_every: int = 0
+) -> list[NormalizedEvent]:
+    """NormalizedEvents from `event_specs` draws (every `erase_every`-th one an erase, when set)."""
+    out = []
+    for n, (ids, etype, jitter) in enumerate(spec):
+        if erase_every and n and n % erase_every == 0:
+            etype = "erase"
+        idents = tuple(Identifier(k.split(":", 1)[0], k.split(":", 1)[1], v) for k, v in ids)
+        out.append(
+            NormalizedEvent(
+                event_id=f"ev{n}",
+                source="web",
+                channel="web",
+                type=etype,
+                occurred_at_ms=1_700_000_000_000 + n * 1_000 + jitter,
+                identifiers=idents,
+                attributes={"total": Decimal("1.5"), "currency": "EUR"} if etype == "order_placed" else {},
+            )
+        )
+    return out

@@ -13,30 +13,10 @@ from hypothesis import strategies as st
 
 from streams.core import ChangeKind, IdentityGraph, RocksStore, Rules
 from streams.core.state import ACTIVE, ERASED
-from streams.events import Identifier, NormalizedEvent
-from tests.unit.core_helpers import POOL, event_specs
+from streams.events import NormalizedEvent
+from tests.unit.core_helpers import POOL, event_specs, events_from_specs
 
 events_st = event_specs(["page_view", "page_view", "page_view", "order_placed", "login"])
-
-
-def build(spec: list[tuple[list[tuple[str, bool]], str, int]], erase_every: int = 0) -> list[NormalizedEvent]:
-    out = []
-    for n, (ids, etype, jitter) in enumerate(spec):
-        if erase_every and n and n % erase_every == 0:
-            etype = "erase"
-        idents = tuple(Identifier(k.split(":", 1)[0], k.split(":", 1)[1], v) for k, v in ids)
-        out.append(
-            NormalizedEvent(
-                event_id=f"ev{n}",
-                source="web",
-                channel="web",
-                type=etype,
-                occurred_at_ms=1_700_000_000_000 + n * 1_000 + jitter,
-                identifiers=idents,
-                attributes={"total": "1.5", "currency": "EUR"} if etype == "order_placed" else {},
-            )
-        )
-    return out
 
 
 def partition(g: IdentityGraph) -> set[frozenset[str]]:
@@ -58,7 +38,7 @@ def run(g: IdentityGraph, events: list[NormalizedEvent]) -> list[Any]:
 @settings(max_examples=150, deadline=None)
 @given(events_st)
 def test_without_protection_profiles_are_connected_components(spec: Any) -> None:
-    events = build(spec)
+    events = events_from_specs(spec)
     g = IdentityGraph(rules=Rules.unprotected(), flush_every=7, cache_profiles=3)
     run(g, events)
     nxg = nx.Graph()
@@ -74,7 +54,7 @@ def test_without_protection_profiles_are_connected_components(spec: Any) -> None
 @given(events_st, st.sampled_from([0, 0, 7]))
 def test_with_protection_invariants_always_hold(spec: Any, erase_every: int) -> None:
     rules = Rules()
-    events = build(spec, erase_every)
+    events = events_from_specs(spec, erase_every)
     g = IdentityGraph(rules=rules, flush_every=5, cache_profiles=4)
     emitted: set[str] = set()
     for e in events:
@@ -107,7 +87,7 @@ def test_with_protection_invariants_always_hold(spec: Any, erase_every: int) -> 
 @settings(max_examples=60, deadline=None)
 @given(events_st)
 def test_same_input_same_output(spec: Any) -> None:
-    events = build(spec, erase_every=11)
+    events = events_from_specs(spec, erase_every=11)
     a = run(IdentityGraph(flush_every=3, cache_profiles=2), events)
     b = run(IdentityGraph(flush_every=1000), events)
     assert a == b
@@ -116,7 +96,7 @@ def test_same_input_same_output(spec: Any) -> None:
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events_st)
 def test_memory_and_rocksdb_backends_agree(spec: Any) -> None:
-    events = build(spec, erase_every=13)
+    events = events_from_specs(spec, erase_every=13)
     mem = IdentityGraph(flush_every=4)
     trace_mem = run(mem, events)
     with tempfile.TemporaryDirectory() as d:
@@ -131,7 +111,7 @@ def test_restart_on_rocksdb_continues_where_it_stopped(tmp_path: Any) -> None:
     spec = [([(k, False)], "page_view", 0) for k in POOL] + [
         ([(POOL[i], False), (POOL[i + 7], True)], "login", 0) for i in range(0, len(POOL) - 7, 2)
     ]
-    events = build(spec)
+    events = events_from_specs(spec)
     one = IdentityGraph()
     trace_one = run(one, events)
     half = len(events) // 2

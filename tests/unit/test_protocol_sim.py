@@ -43,7 +43,7 @@ from streams.app.protocol import (
 from streams.core import IdentityGraph, ProfileState, Rules, load_rules
 from streams.core.state import ACTIVE
 from streams.events import Identifier, NormalizedEvent
-from tests.unit.core_helpers import event_specs
+from tests.unit.core_helpers import event_specs, events_from_specs
 from tests.unit.protocol_sim import Final, Sim
 
 events_st = event_specs(["page_view", "page_view", "order_placed", "login"])
@@ -54,24 +54,6 @@ sched_st = st.tuples(
     st.integers(min_value=1, max_value=12),  # max batch size
 )
 _STEPS = 100_000  # scheduler steps before a run counts as stuck (typical runs: a few hundred)
-
-
-def build(spec: list[tuple[list[tuple[str, bool]], str, int]]) -> list[NormalizedEvent]:
-    out = []
-    for n, (ids, etype, jitter) in enumerate(spec):
-        idents = tuple(Identifier(k.split(":", 1)[0], k.split(":", 1)[1], v) for k, v in ids)
-        out.append(
-            NormalizedEvent(
-                event_id=f"ev{n}",
-                source="web",
-                channel="web",
-                type=etype,
-                occurred_at_ms=1_700_000_000_000 + n * 1_000 + jitter,
-                identifiers=idents,
-                attributes={"total": Decimal("1.5"), "currency": "EUR"} if etype == "order_placed" else {},
-            )
-        )
-    return out
 
 
 def run(events: list[NormalizedEvent], rules: Rules, sched: tuple[int, int, float, int]) -> tuple[Sim, Final]:
@@ -112,7 +94,7 @@ def assert_registers_agree(final: Final) -> dict[str, str]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events_st, sched_st)
 def test_unprotected_partition_is_connected_components(spec: Any, sched: Any) -> None:
-    events = build(spec)
+    events = events_from_specs(spec)
     sim, final = run(events, Rules.unprotected(), sched)
     assert_quiescent(final)
     holder = assert_registers_agree(final)
@@ -135,7 +117,7 @@ def test_unprotected_partition_is_connected_components(spec: Any, sched: Any) ->
 @given(events_st, sched_st)
 def test_default_rules_invariants(spec: Any, sched: Any) -> None:
     rules = load_rules()
-    events = build(spec)
+    events = events_from_specs(spec)
     sim, final = run(events, rules, sched)
     assert_quiescent(final)
     assert_registers_agree(final)
@@ -173,7 +155,7 @@ def test_default_rules_invariants(spec: Any, sched: Any) -> None:
 @given(events_st, st.integers(min_value=0, max_value=2**32 - 1))
 def test_same_schedule_same_result(spec: Any, seed: int) -> None:
     """Determinism (§8.4): one input and one schedule give byte-identical committed rows."""
-    events = build(spec)
+    events = events_from_specs(spec)
     a, _ = run(events, load_rules(), (3, seed, 0.1, 5))
     b, _ = run(events, load_rules(), (3, seed, 0.1, 5))
     assert [s.rows for s in a.committed] == [s.rows for s in b.committed]
