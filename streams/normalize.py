@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_BLOCKED_VALUES",
     "NormalizationSettings",
     "Normalizer",
+    "PerSettings",
     "hash_identifier",
     "normalize_identifier",
     "normalizer_for",
@@ -402,20 +403,37 @@ _CANONICALIZERS: dict[str, Callable[[Normalizer, str], str]] = {
     "loyalty_card": Normalizer._loyalty_card,
 }
 
-_NORMALIZERS: dict[int, tuple[NormalizationSettings, Normalizer]] = {}
 _DEFAULT_SETTINGS = NormalizationSettings()
 
 
+class PerSettings(Generic[_T]):
+    """One shared object per settings instance (Normalizer, Validator): one-off calls keep their caches.
+
+    Keyed by identity, so a lookup never hashes the settings; there are a handful of live configs at most, so
+    it is simply cleared when it grows past eight.
+    """
+
+    def __init__(self, build: Callable[[NormalizationSettings], _T]) -> None:
+        self._build = build
+        self._entries: dict[int, tuple[NormalizationSettings, _T]] = {}
+
+    def get(self, settings: NormalizationSettings | None) -> _T:
+        settings = settings or _DEFAULT_SETTINGS
+        entry = self._entries.get(id(settings))
+        if entry is None or entry[0] is not settings:
+            if len(self._entries) >= 8:
+                self._entries.clear()
+            entry = (settings, self._build(settings))
+            self._entries[id(settings)] = entry
+        return entry[1]
+
+
+_NORMALIZERS: PerSettings[Normalizer] = PerSettings(Normalizer)
+
+
 def normalizer_for(settings: NormalizationSettings | None = None) -> Normalizer:
-    """One shared Normalizer (and cache) per settings object; keyed by identity so lookups never hash it."""
-    settings = settings or _DEFAULT_SETTINGS
-    entry = _NORMALIZERS.get(id(settings))
-    if entry is None or entry[0] is not settings:
-        if len(_NORMALIZERS) >= 8:
-            _NORMALIZERS.clear()
-        entry = (settings, Normalizer(settings))
-        _NORMALIZERS[id(settings)] = entry
-    return entry[1]
+    """One shared Normalizer (and cache) per settings object."""
+    return _NORMALIZERS.get(settings)
 
 
 def normalize_identifier(type_: str, raw_value: str, settings: NormalizationSettings | None = None) -> str:

@@ -23,6 +23,7 @@ from streams.core import IdentityGraph, RocksStore, format_explanation, load_rul
 from streams.events import Identifier, NormalizedEvent
 from streams.exceptions import ConfigError, InvalidEvent, OmnistitchError
 from streams.normalize import NormalizationSettings
+from streams.publish import resolved_record
 from streams.validate import Validator
 
 __all__ = ["ReplaySummary", "explain_command", "export_command", "replay", "replay_command"]
@@ -216,17 +217,8 @@ def replay(
                     continue
                 summary.valid += 1
                 result = link(event)
-                body = None
-                if resolved is not None:
-                    body = {
-                        "schema_version": 1,
-                        "event_id": event.event_id,
-                        "identifier_keys": [i.key for i in event.identifiers],
-                        "dropped": [{"type": t, "reason": r} for t, r in event.dropped],
-                        "occurred_at_ms": event.occurred_at_ms,
-                        "resolved_at_ms": int(time.time() * 1000),
-                        "event": event.envelope,
-                    }
+                # the final profile is filled in once all input is linked
+                body = resolved_record(event, None, int(time.time() * 1000)) if resolved is not None else None
                 write(
                     orjson.dumps([event.event_id, result.profile_id, result.anchor, body], default=str)
                     + b"\n"

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 from schemas.envelope import EVENT_TYPES, RawEvent, RawEventV1
 from streams.events import Identifier, NormalizedEvent
 from streams.exceptions import ErrorCode, IdentifierRejected, InvalidEvent
-from streams.normalize import NormalizationSettings, Normalizer, hash_identifier
+from streams.normalize import NormalizationSettings, Normalizer, PerSettings, hash_identifier
 
 __all__ = ["MAX_OCCURRED_AT", "MIN_OCCURRED_AT", "Validator", "validate_event"]
 
@@ -224,15 +224,9 @@ def _classify(raw: bytes, exc: ValidationError) -> InvalidEvent:
     return InvalidEvent(code, message)
 
 
-_VALIDATORS: dict[int, tuple[NormalizationSettings | None, Validator]] = {}
+_VALIDATORS: PerSettings[Validator] = PerSettings(Validator)
 
 
 def validate_event(raw: bytes, settings: NormalizationSettings | None = None) -> NormalizedEvent:
     """Convenience for one-off calls; reuses a Validator (and its cache) per settings object."""
-    entry = _VALIDATORS.get(id(settings))
-    if entry is None or entry[0] is not settings:
-        if len(_VALIDATORS) >= 8:
-            _VALIDATORS.clear()
-        entry = (settings, Validator(settings))
-        _VALIDATORS[id(settings)] = entry
-    return entry[1].validate(raw)
+    return _VALIDATORS.get(settings).validate(raw)
