@@ -15,6 +15,7 @@ __all__ = [
     "IDENTIFIERS_DROPPED_TOTAL",
     "MERGES_REFUSED_TOTAL",
     "MERGES_TOTAL",
+    "PROTOCOL_DROPPED_TOTAL",
     "REGISTRY",
 ]
 
@@ -48,6 +49,12 @@ MERGES_REFUSED_TOTAL = Counter(
     "omnistitch_merges_refused_total",
     "Links refused by merge protection, by rule.",
     ["rule"],
+    registry=REGISTRY,
+)
+PROTOCOL_DROPPED_TOTAL = Counter(
+    "omnistitch_protocol_dropped_total",
+    "Protocol messages dropped on purpose (e.g. for an erased profile), by reason.",
+    ["reason"],
     registry=REGISTRY,
 )
 # Event time → resolved: buckets span the 250 ms p99 target at 5k events/s up to a backlog of minutes.

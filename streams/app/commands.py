@@ -33,11 +33,10 @@ def worker_command(
     import faust
 
     from streams.app.worker import create_app
-    from streams.core.rules import load_rules
 
     settings = AppSettings.from_env()
     create_topics(settings)
-    app = create_app(settings, rules=load_rules(settings.rules_file))
+    app = create_app(settings)
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()
 
 

@@ -1127,12 +1127,16 @@ def _claim_generic(ctx: _Ctx, row: ProfileRow, m: ClaimGeneric) -> None:
 
 def _claim_taken(ctx: _Ctx, row: ProfileRow, m: ClaimTaken) -> None:
     p = row.state
-    if row.cl.pop(m.key, None) is not None:
+    rec = row.cl.pop(m.key, None)
+    ident = m.ident
+    if rec is not None:
         ctx.st.put_profile(row)
+        # the register knows the value only; whether this event verified it is in our reservation
+        ident = Identifier(ident.type, ident.value, bool(rec[R_VERIFIED]))
     q = m.owner
     if q == p.id or q in p.merged_from:
         return  # already one profile
-    side_p, side_q = m.side, (m.ident,)
+    side_p, side_q = m.side, (ident,)
     if p.id > q:
         ctx.send(MergeAsk(p.id, q, side_p, side_q, m.ev_id, m.at, m.corr))
     else:

@@ -9,7 +9,7 @@ from schemas.topics import DLQ, EVENTS_RESOLVED, IDENTITY_CHANGES, PROFILES, Top
 from streams.config import AppSettings
 from streams.exceptions import ConfigError
 
-__all__ = ["DLQ_MAX_MESSAGE_BYTES", "create_topics", "raw_topic", "topic_plan"]
+__all__ = ["DLQ_MAX_MESSAGE_BYTES", "create_topics", "internal_topic", "raw_topic", "topic_plan"]
 
 # Above the broker's 2 MiB message.max.bytes: the base64 of any message the broker accepted still fits.
 DLQ_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -20,8 +20,17 @@ def raw_topic(source: str) -> str:
     return f"raw.{source}"
 
 
+def internal_topic(settings: AppSettings) -> str:
+    """The app's protocol topic (docs/stream-protocol.md §1): envelopes between partitions."""
+    return f"{settings.app_id}-internal"
+
+
+# Envelopes are consumed within seconds; a week covers any outage a restart can still recover from.
+INTERNAL_RETENTION_MS = str(7 * 24 * 3600 * 1000)
+
+
 def topic_plan(settings: AppSettings) -> list[tuple[str, int, dict[str, str]]]:
-    """(name, partitions, config) for every public topic of this deployment."""
+    """(name, partitions, config) for every topic of this deployment except faust's table changelogs."""
     raw = [
         (raw_topic(source), settings.partitions, {"cleanup.policy": "delete"}) for source in settings.sources
     ]
@@ -31,6 +40,13 @@ def topic_plan(settings: AppSettings) -> list[tuple[str, int, dict[str, str]]]:
     ]
     # a DLQ record carries the refused message base64-encoded (4/3 of its size): room for the largest one
     plan[-1][2]["max.message.bytes"] = str(DLQ_MAX_MESSAGE_BYTES)
+    # an envelope can carry a whole profile state being merged: as large as the DLQ's records
+    internal_config = {
+        "cleanup.policy": "delete",
+        "retention.ms": INTERNAL_RETENTION_MS,
+        "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES),
+    }
+    plan.append((internal_topic(settings), settings.partitions, internal_config))
     return plan
 
 

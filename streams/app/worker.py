@@ -1,79 +1,104 @@
-"""The faust worker: thin glue that feeds Kafka messages to the validator and the stitching core.
+"""The faust worker: thin glue running the partitioned stitching protocol (docs/stream-protocol.md) on Kafka.
 
-Topology (at-least-once for now: faust 0.15.3's exactly-once is broken here, see docs/faust-notes.md)::
+Topology (every topic has N partitions; partition p of all of them belongs to one worker)::
 
-    raw.<source>            key: strongest identifier as sent; value: envelope-v1 JSON bytes
-      │ validate agent      shard: the raw partition (all partitions, all workers, in parallel)
-      ├──▶ dlq              invalid message: DlqRecord with a named code and the original bytes
-      ▼
-    <app>-stitch            value: NormalizedEvent.to_bytes(); ONE partition (interim, see README)
-      │ stitch agent        shard: the single stitch partition; graph table co-partitioned with it
-      ├──▶ events.resolved  key: profile_id
-      ├──▶ identity.changes key: profile_id
-      └──▶ profiles         key: profile_id (compacted; tombstone when merged away or erased)
+    raw.<source> [p]           value: envelope-v1 JSON bytes
+    <app>-internal [p]         value: protocol envelope {"v":1,"m":[msg, …]} for partition p
+      │ stitch agent           shard key: the partition number p (one agent, all input topics)
+      │   raw   → validate ─┬─▶ dlq                 DlqRecord: named code + original bytes
+      │                     └─▶ protocol.ingest     Route to the anchor's partition (inline when it is p)
+      │   internal → protocol.handle               Route / Apply / Claim / Merge* / Repoint / Release / Erase
+      ├──▶ <app>-internal [q]   messages for other partitions, one envelope per (batch, p, q)
+      ├──▶ events.resolved      key: profile_id; each event exactly once, where its profile lives
+      ├──▶ identity.changes     key: profile_id; seq per profile
+      ├──▶ profiles             key: profile_id; one snapshot per changed profile per batch, tombstones
+      └──▶ <app>-ids-changelog / <app>-profiles-changelog [p]   each changed row once per batch
 
-The stitch stage runs the core over a faust table (RocksDB + changelog), flushing the core's write buffer
-once per `take_events()` batch, before the batch is acked, so no committed offset runs ahead of the graph.
+Tables `ids` (identifier registers, owned by `part(k)`) and `profiles` (profile rows, homed at `home(P)`) live
+in RocksDB through faust's `rocksdb://` store; a batch reads and writes the rows of partition p only, so they
+are co-partitioned with the inputs by construction. Everything a batch of partition p produces, and its input
+offsets, commit in one Kafka transaction (streams/app/transactions.py explains why not faust's).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import faust
+from aiokafka import AIOKafkaProducer
+from faust.types import TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
-from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, raw_topic
+from streams.app.protocol import (
+    Effects,
+    PartitionState,
+    TableName,
+    decode_envelope,
+    encode_envelope,
+    handle,
+    ingest,
+)
+from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
+from streams.app.transactions import PartitionTransactions, fatal, wipe_tables_after_unclean_stop
 from streams.config import AppSettings
-from streams.core.graph import ChangeKind, IdentityGraph
-from streams.core.rules import Rules
-from streams.core.state import ProfileState
-from streams.events import NormalizedEvent
+from streams.core.graph import ChangeKind
+from streams.core.rules import Rules, load_rules
 from streams.exceptions import InvalidEvent
 from streams.normalize import NormalizationSettings
 from streams.publish import change_record, dlq_record, dumps, profile_record, resolved_record
 from streams.validate import Validator
 
-__all__ = ["TableStore", "create_app"]
+__all__ = ["TABLES", "create_app"]
 
-# Events per stitch batch, and the longest a partial batch waits: one graph flush and one round of sends
-# per batch amortises faust's per-write overhead, while 100 ms keeps the latency target in reach.
-BATCH_SIZE = 1000
-BATCH_WITHIN_SECONDS = 0.1
+# Records per batch, and the longest a partial batch waits: one transaction per partition per batch
+# amortises the commit round trip, while 20 ms keeps each internal hop well inside the p99 target.
+BATCH_SIZE = 2000
+BATCH_WITHIN_SECONDS = 0.02
+# Hot rows per partition (two generations): most events touch profiles seen moments ago.
+CACHE_ROWS_PER_PARTITION = 20_000
+TABLES: tuple[TableName, ...] = ("ids", "profiles")
 
 
-class TableStore:
-    """The core's Store interface over a faust Table: every write is changelogged in the open transaction."""
+class _TableRows:
+    """`RowStore` over partition p's RocksDB databases of the faust tables (bytes in, bytes out)."""
 
-    def __init__(self, table: Any) -> None:
-        self._table = table
+    def __init__(self, tables: dict[TableName, TableT[bytes, bytes]], partition: int) -> None:
+        self._tables = tables
+        self._partition = partition
 
-    def get(self, key: bytes) -> bytes | None:
-        value = self._table.get(key)
+    def _db(self, table: TableName) -> Any:
+        # faust's store keeps one RocksDB per assigned partition; the changelog restores it on assignment
+        return cast(Any, self._tables[table].data)._db_for_partition(self._partition)
+
+    def get(self, table: TableName, key: bytes) -> bytes | None:
+        value = self._db(table).get(key)
         return None if value is None else bytes(value)
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self._table[key] = value
+    def put(self, table: TableName, key: bytes, value: bytes) -> None:
+        self._db(table).put(key, value)
 
-    def delete(self, key: bytes) -> None:
-        if key in self._table:
-            del self._table[key]
 
-    def write_batch(self, items: Iterable[tuple[bytes, bytes | None]]) -> None:
-        for key, value in items:
-            if value is None:
-                self.delete(key)
-            else:
-                self._table[key] = value
+class _Batch:
+    """One partition's share of a batch: its records in, its sends out, its next offsets to commit."""
 
-    def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        yield from sorted((k, bytes(v)) for k, v in self._table.items() if k.startswith(prefix))
+    def __init__(self, partition: int, producer: AIOKafkaProducer) -> None:
+        self.partition = partition
+        self.producer = producer
+        self.effects = Effects()
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.deliveries: list[Awaitable[Any]] = []
 
-    def close(self) -> None:
-        """The table belongs to the app; nothing to release here."""
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> None:
+        """Queue one record in this partition's transaction (`partition=None`: by the key's hash)."""
+        self.deliveries.append(await self.producer.send(topic, value=value, key=key, partition=partition))
 
 
 def create_app(
@@ -81,13 +106,15 @@ def create_app(
 ) -> faust.App:
     """Build the worker app; all inputs are arguments, so tests can run several apps side by side."""
     validator = Validator(normalization or NormalizationSettings.from_env())
+    rules = rules if rules is not None else load_rules(settings.rules_file)
+    n = settings.partitions
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
         store="rocksdb://",
         datadir=str(settings.data_dir),
-        processing_guarantee="at_least_once",
-        topic_partitions=settings.partitions,
+        processing_guarantee="exactly_once",
+        topic_partitions=n,
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
         web_port=settings.web_port,
@@ -95,101 +122,134 @@ def create_app(
         key_serializer="raw",
         value_serializer="raw",
         producer_max_request_size=DLQ_MAX_MESSAGE_BYTES,
+        stream_buffer_maxsize=4 * BATCH_SIZE,
     )
-    raw = app.topic(*(raw_topic(source) for source in settings.sources), key_type=bytes, value_type=bytes)
-    dlq = app.topic("dlq", key_type=bytes, value_type=bytes)
-    stitch_in = app.topic(
-        f"{settings.app_id}-stitch", partitions=1, internal=True, key_type=bytes, value_type=bytes
-    )
-    resolved = app.topic("events.resolved", key_type=bytes, value_type=bytes)
-    changes_out = app.topic("identity.changes", key_type=bytes, value_type=bytes)
-    profiles_out = app.topic("profiles", key_type=bytes, value_type=bytes)
-    graph_table = app.Table("graph", partitions=1, key_type=bytes, value_type=bytes)
-    graph_holder: dict[str, IdentityGraph] = {}
+    wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
+    raw_names = [raw_topic(source) for source in settings.sources]
+    internal = internal_topic(settings)
+    inputs = app.topic(*raw_names, internal, key_type=bytes, value_type=bytes)
+    tables: dict[TableName, TableT[bytes, bytes]] = {
+        name: app.Table(name, partitions=n, key_type=bytes, value_type=bytes) for name in TABLES
+    }
+    changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
+    states: dict[int, PartitionState] = {}
+    txns = PartitionTransactions(app, internal, on_rebalance=states.clear)
 
-    @app.agent(raw)
-    async def validate(stream: faust.StreamT[bytes]) -> None:
-        """Shard key: raw partition. Valid events go on to the stitch stage, invalid ones to the DLQ."""
-        async for event in stream.events():
-            message = event.message
-            value = event.value if isinstance(event.value, bytes) else b""
-            try:
-                normalized = validator.validate(value)
-            except InvalidEvent as exc:
-                metrics.DLQ_TOTAL.labels("validate", exc.code.value).inc()
-                record = dlq_record(
-                    key=event.key if isinstance(event.key, bytes) else None,
-                    value=value,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    code=exc.code.value,
-                    message=exc.message,
-                    stage="validate",
-                    failed_at_ms=int(time.time() * 1000),
-                )
-                await dlq.send(key=event.key, value=dumps(record))
-                continue
-            metrics.EVENTS_IN_TOTAL.labels(normalized.source, normalized.type).inc()
-            for type_, reason in normalized.dropped:
-                metrics.IDENTIFIERS_DROPPED_TOTAL.labels(type_, reason).inc()
-            # (event_id, NormalizedEvent bytes: normalised and, if enabled, hashed identifiers only)
-            await stitch_in.send(key=normalized.event_id.encode(), value=normalized.to_bytes())
+    def state_for(partition: int) -> PartitionState:
+        state = states.get(partition)
+        if state is None:
+            store = _TableRows(tables, partition)
+            state = states[partition] = PartitionState(
+                partition, n, rules, store, cache_rows=CACHE_ROWS_PER_PARTITION
+            )
+        return state
 
-    @app.agent(stitch_in)
+    @app.agent(inputs)
     async def stitch(events: faust.StreamT[bytes]) -> None:
-        """Shard key: the single stitch partition, co-partitioned with the `graph` table."""
-        stream = cast(faust.Stream[bytes], events)  # take_events() is on the concrete Stream only
-        async for batch in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
-            # take_events() leaves no current event, and table writes need one to pick their changelog
-            # partition (faust raises "outside of stream iteration"): pin the batch's last event.
-            stream._set_current_event(batch[-1])
-            graph = graph_holder.get("graph")
-            if graph is None:
-                # built after table recovery, so the core's caches start from the changelogged state
-                graph = graph_holder["graph"] = IdentityGraph(TableStore(graph_table), rules, history=False)
-            now_ms = int(time.time() * 1000)
-            touched: dict[str, None] = {}
-            for message in batch:
-                event = NormalizedEvent.from_bytes(message.value)
-                result = graph.link(event)
-                for change in result.changes:
-                    touched[change.profile_id] = None
-                    if change.kind is ChangeKind.MERGED:
-                        metrics.MERGES_TOTAL.inc()
-                        touched[change.payload["merged_profile_id"]] = None
-                    elif change.kind is ChangeKind.REFUSED:
-                        metrics.MERGES_REFUSED_TOTAL.labels(change.payload["rule"]).inc()
-                    await changes_out.send(key=change.profile_id.encode(), value=dumps(change_record(change)))
-                key = result.profile_id.encode() if result.profile_id else None
-                if result.profile_id:
-                    touched[result.profile_id] = None
-                await resolved.send(key=key, value=dumps(resolved_record(event, result.profile_id, now_ms)))
-                metrics.EVENTS_RESOLVED_TOTAL.inc()
-                metrics.EVENT_LAG_SECONDS.observe(max(0.0, (now_ms - event.occurred_at_ms) / 1000))
-            graph.flush()
-            # merged-away ids resolve to their survivor: tombstone them, snapshot the survivor once
-            latest: dict[str, ProfileState] = {}
-            for profile_id in touched:
-                profile = graph.profile(profile_id)
-                if profile is None:
-                    continue
-                if profile.id != profile_id:
-                    await profiles_out.send(key=profile_id.encode(), value=None)
-                latest[profile.id] = profile
-            for profile_id, profile in latest.items():
-                snapshot = profile_record(profile, now_ms)
-                await profiles_out.send(
-                    key=profile_id.encode(), value=None if snapshot is None else dumps(snapshot)
-                )
+        """Shard key: partition number p; each batch is split by p, one transaction per p."""
+        stream = cast(faust.Stream[bytes], events)  # noack_take() is on the concrete Stream only
+        txns.install()
+        async for taken in stream.noack_take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
+            batch = cast(Sequence[faust.EventT[bytes]], taken)  # noack_take yields events, typed as values
+            async with txns.lock:
+                await _process(batch)
+            for event in batch:
+                await stream.ack(event)
 
-    @app.on_partitions_revoked.connect
-    def forget_graph(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        """Another worker may own the stitch partition next: never reuse a cache it could make stale."""
-        graph_holder.clear()
+    async def _process(batch: Sequence[faust.EventT[bytes]]) -> None:
+        # (p → events of partition p, in arrival order); events of a revoked partition or an older
+        # generation are skipped: their new owner reads them again from the offsets committed with p
+        generation = app.consumer_generation_id
+        assigned = app.consumer.assignment()
+        by_partition: dict[int, list[faust.EventT[bytes]]] = defaultdict(list)
+        for event in batch:
+            message = event.message
+            if message.generation_id == generation and message.tp in assigned:
+                by_partition[message.partition].append(event)
+        work: list[_Batch] = []
+        txns.begin_batch()
+        now_ms = int(time.time() * 1000)
+        for partition, group in by_partition.items():
+            producer = txns.producer(partition)
+            if producer is None:
+                fatal(f"partition {partition} is assigned but has no transactional producer")
+            part = _Batch(partition, cast(AIOKafkaProducer, producer))
+            for event in group:
+                await _handle(part, event, now_ms)
+            await _publish(part, now_ms)
+            work.append(part)
+        # all partitions' records are in flight: commit them side by side (one round trip, not one each)
+        await asyncio.gather(*(txns.commit(part.producer, part.deliveries, part.offsets) for part in work))
+        txns.end_batch()
+
+    async def _handle(part: _Batch, event: faust.EventT[bytes], now_ms: int) -> None:
+        message = event.message
+        part.offsets[(message.topic, message.partition)] = message.offset + 1
+        value = event.value if isinstance(event.value, bytes) else b""
+        state = state_for(part.partition)
+        if message.topic == internal:
+            for msg in decode_envelope(value):
+                handle(state, msg, part.effects)
+            return
+        try:
+            normalized = validator.validate(value)
+        except InvalidEvent as exc:
+            metrics.DLQ_TOTAL.labels("validate", exc.code.value).inc()
+            key = event.key if isinstance(event.key, bytes) else None
+            record = dlq_record(
+                key=key,
+                value=value,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                code=exc.code.value,
+                message=exc.message,
+                stage="validate",
+                failed_at_ms=now_ms,
+            )
+            await part.send("dlq", key, dumps(record))
+            return
+        metrics.EVENTS_IN_TOTAL.labels(normalized.source, normalized.type).inc()
+        for type_, reason in normalized.dropped:
+            metrics.IDENTIFIERS_DROPPED_TOTAL.labels(type_, reason).inc()
+        ingest(state, normalized, part.effects)
+
+    async def _publish(part: _Batch, now_ms: int) -> None:
+        """Send what the partition's handlers produced, and its changed rows, in its transaction."""
+        fx = part.effects
+        state = state_for(part.partition)
+        for dest, msgs in fx.sends.items():
+            # (destination partition → its messages, in handling order): one envelope each
+            await part.send(internal, str(dest).encode(), encode_envelope(msgs), partition=dest)
+        for change in fx.changes:
+            if change.kind is ChangeKind.MERGED:
+                metrics.MERGES_TOTAL.inc()
+            elif change.kind is ChangeKind.REFUSED:
+                metrics.MERGES_REFUSED_TOTAL.labels(change.payload["rule"]).inc()
+            await part.send("identity.changes", change.profile_id.encode(), dumps(change_record(change)))
+        for resolved in fx.resolved:
+            event = resolved.event
+            key = resolved.profile_id.encode() if resolved.profile_id else None
+            record = resolved_record(event, resolved.profile_id, now_ms)
+            await part.send("events.resolved", key, dumps(record))
+            metrics.EVENTS_RESOLVED_TOTAL.inc()
+            metrics.EVENT_LAG_SECONDS.observe(max(0.0, (now_ms - event.occurred_at_ms) / 1000))
+        for profile_id in fx.profiles:
+            row = state.get_profile(profile_id)
+            snapshot = None if row is None else profile_record(row.state, now_ms)
+            await part.send("profiles", profile_id.encode(), None if snapshot is None else dumps(snapshot))
+        for reason, count in fx.dropped.items():
+            metrics.PROTOCOL_DROPPED_TOTAL.labels(reason).inc(count)
+        for table, key, value in state.flush():
+            await part.send(changelogs[table], key, value, partition=part.partition)
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.on_before_shutdown.connect
+    async def mark_clean_if_committed(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Runs after faust waited for every taken event to be acked, i.e. for the last batch to commit."""
+        txns.stopped_cleanly(Path(settings.data_dir))
 
     return app
