@@ -5,9 +5,11 @@ Usage:  .venv/bin/python bench/bench_core.py [--events 1000000] [--unprotected] 
 
 Synthetic NormalizedEvents are generated directly (no JSON, no validation) so only the core is measured;
 generation happens in chunks outside the timed region. The data mirrors the simulator's shape (about 12
-events per person, the simulator's source mix, ~92% of events touching only known identifiers), not a
-stream of brand-new identities; the output says so. Peak RSS is read after the core run, before
-networkx builds its graph.
+events per person, the simulator's source mix; about 3 in 4 events touch only known identifiers of one
+profile and change nothing but aggregates — `events_without_changes` reports the measured share), not a
+stream of brand-new identities. Peak RSS is read after the core run, before networkx builds its graph.
+`--cache-profiles` / `--cold-profiles` / `--cache-identifiers` set the graph's cache sizes (the
+memory / speed trade-off, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=int(os.environ.get("OMNISTITCH_BENCH_EVENTS", "1000000")))
     ap.add_argument("--per-person", type=int, default=12, help="Average events per person (default 12).")
-    ap.add_argument("--cache-profiles", type=int, default=None, help="Hot cache size (profiles).")
+    ap.add_argument("--cache-profiles", type=int, default=None, help="Hot cache size (decoded profiles).")
+    ap.add_argument("--cold-profiles", type=int, default=None, help="Cold cache size (encoded profiles).")
+    ap.add_argument("--cache-identifiers", type=int, default=None, help="Identifier owner cache size.")
     ap.add_argument("--flush-every", type=int, default=None, help="Events per write batch (graph default).")
     ap.add_argument("--unprotected", action="store_true", help="Merge protection off (plain components).")
     ap.add_argument("--no-history", action="store_true", help="Do not store change history (explain).")
@@ -150,11 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     rules = Rules.unprotected() if args.unprotected else Rules()
     rss_start = _rss_mb()
     core_seconds = 0.0
-    n_events = n_links = 0
+    n_events = n_links = quiet = 0
     with tempfile.TemporaryDirectory(prefix="omnistitch-bench-") as tmp:
-        extra: dict[str, Any] = {} if args.cache_profiles is None else {"cache_profiles": args.cache_profiles}
-        if args.flush_every is not None:
-            extra["flush_every"] = args.flush_every
+        sizes = {
+            "cache_profiles": args.cache_profiles,
+            "cold_profiles": args.cold_profiles,
+            "cache_identifiers": args.cache_identifiers,
+            "flush_every": args.flush_every,
+        }
+        extra: dict[str, Any] = {k: v for k, v in sizes.items() if v is not None}
         graph = IdentityGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
         link = graph.link
         gc.freeze()
@@ -163,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             n_links += sum(len(e.identifiers) for e in chunk)
             t = time.perf_counter()
             for e in chunk:
-                link(e)
+                if not link(e).changes:
+                    quiet += 1
             core_seconds += time.perf_counter() - t
             del chunk
         t = time.perf_counter()
@@ -198,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         "identifier_links": n_links,
         "identifiers": identifiers,
         "protection": not args.unprotected,
-        "data": f"simulator-shaped: ~{args.per_person} events/person, ~92% touching only known identifiers",
+        "data": f"simulator-shaped: ~{args.per_person} events/person, most touching only known identifiers",
         "events_per_person": args.per_person,
+        "events_without_changes": round(quiet / n_events, 3) if n_events else None,
         "cache_profiles": graph.cache_profiles,
+        "cold_profiles": graph.cold_profiles,
+        "cache_identifiers": graph.cache_identifiers,
         "core_seconds": round(core_seconds, 3),
         "events_per_s": round(n_events / core_seconds),
         "links_per_s": round(n_links / core_seconds),

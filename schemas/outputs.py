@@ -53,6 +53,14 @@ class ResolvedEvent(BaseModel):
     profile_id: str | None = Field(
         description="The person; null when no identifier could link (all blocked, generic or refused)."
     )
+    anchor: _Key | None = Field(
+        default=None,
+        description=(
+            "The identifier the event was resolved through (its highest-priority usable one). If that value"
+            " is later found generic (a `merge_refused` change with rule `generic_value`), the event is no"
+            " longer attributed to anyone."
+        ),
+    )
     event_id: str
     identifier_keys: list[_Key]
     dropped: list[DroppedIdentifier] = Field(default_factory=list)

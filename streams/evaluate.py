@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from streams.core.rules import RULE_GENERIC
 from streams.topic_reader import TopicNotFound, read_to_end
 
 __all__ = [
@@ -168,23 +169,35 @@ def assignments_from_resolved(
 
     A resolved event carries the profile it joined *at resolve time*; later merges move it on. `changes`
     are `identity.changes` records: a `profiles_merged` record says each id in `merged` was folded into its
-    `survivor`, and the chain is followed to its end (cycles are cut). The last
+    `survivor`, and the chain is followed to its end (cycles are cut). An event whose `anchor` was later found
+    generic (a `merge_refused` record with rule `generic_value`) is unattributed, as in the replay. The last
     resolved record of an event wins (at-least-once delivery may repeat one). Limitation: a later *split*
     moves some identifiers to a new profile, which this chain cannot tell per event; after splits, prefer
     the offline replay's assignments.
     """
     merged_into: dict[str, str] = {}
+    generic: set[str] = set()
     for change in changes:
-        if change.get("kind") != "profiles_merged":
+        kind = change.get("kind")
+        if kind == "merge_refused" and change.get("rule") == RULE_GENERIC:
+            generic.update(change.get("identifiers") or ())
+        if kind != "profiles_merged":
             continue
         survivor = str(change["survivor"])
         for merged in change.get("merged") or ():
             if merged != survivor:
                 merged_into[str(merged)] = survivor
     out: dict[str, str | None] = {}
+    anchors: dict[str, str] = {}
     for rec in resolved:
         profile = rec.get("profile_id")
-        out[str(rec["event_id"])] = None if profile is None else str(profile)
+        event_id = str(rec["event_id"])
+        out[event_id] = None if profile is None else str(profile)
+        if rec.get("anchor"):
+            anchors[event_id] = str(rec["anchor"])
+    for event_id, anchor in anchors.items():
+        if anchor in generic:
+            out[event_id] = None
     cache: dict[str, str] = {}
     for event_id, profile in out.items():
         if profile is not None and profile in merged_into:

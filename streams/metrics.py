@@ -8,6 +8,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 __all__ = [
+    "BATCH_RECORDS",
+    "BATCH_SECONDS",
     "DLQ_TOTAL",
     "EVENTS_IN_TOTAL",
     "EVENTS_RESOLVED_TOTAL",
@@ -55,6 +57,22 @@ PROTOCOL_DROPPED_TOTAL = Counter(
     "omnistitch_protocol_dropped_total",
     "Protocol messages dropped on purpose (e.g. for an erased profile), by reason.",
     ["reason"],
+    registry=REGISTRY,
+)
+# One batch = one partition's records of one take(): sizes from a trickle to the 2,000-record cap.
+BATCH_RECORDS = Histogram(
+    "omnistitch_batch_records",
+    "Input records (raw events and protocol envelopes) per partition transaction.",
+    buckets=(1, 5, 20, 50, 100, 250, 500, 1000, 2000, 5000),
+    registry=REGISTRY,
+)
+# Where a batch's time goes: `handle` (validation, protocol, building records) is CPU; `commit` (deliveries,
+# offsets, commit) is broker round trips. Buckets around the ~50 ms a hop may cost at the p99 target.
+BATCH_SECONDS = Histogram(
+    "omnistitch_batch_seconds",
+    "Seconds per batch (all partitions of one take), by stage.",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
 # Event time → resolved: buckets span the 250 ms p99 target at 5k events/s up to a backlog of minutes.

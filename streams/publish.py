@@ -23,11 +23,14 @@ def dumps(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, default=str)
 
 
-def resolved_record(event: NormalizedEvent, profile_id: str | None, resolved_at_ms: int) -> dict[str, Any]:
-    """`events.resolved` value: the validated envelope plus the person it belongs to."""
+def resolved_record(
+    event: NormalizedEvent, profile_id: str | None, resolved_at_ms: int, anchor: str | None = None
+) -> dict[str, Any]:
+    """`events.resolved` value: the validated envelope plus the person it belongs to, and through what."""
     return {
         "schema_version": 1,
         "profile_id": profile_id,
+        "anchor": anchor,
         "event_id": event.event_id,
         "identifier_keys": list(event.keys),
         "dropped": [{"type": type_, "reason": reason} for type_, reason in event.dropped],

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from streams.core import IdentityGraph, RocksStore, format_explanation, load_rules
+from streams.core.rules import session_owner
 from streams.events import Identifier, NormalizedEvent
 from streams.exceptions import ConfigError, InvalidEvent, OmnistitchError
 from streams.normalize import NormalizationSettings
@@ -206,7 +207,10 @@ def replay(
     started = time.perf_counter()
     link = graph.link
     invalid = summary.invalid
-    # spool: one line per valid event [event_id, profile at link time, anchor, resolved body | null]
+    # spool: one line per valid event [event_id, profile at link time, anchor, resolved body | null,
+    # occurred_at_ms, identifier keys when it carries a device / cookie (for session attribution) | null]
+    session_ms = rules.shared_session_ms if rules.shared_active else None
+    shared_types = rules.shared_types
     with tempfile.TemporaryFile() as spool:
         write = spool.write
         for block in _checked(inputs, progress, settings, n_workers, resolved is not None):
@@ -218,30 +222,36 @@ def replay(
                 summary.valid += 1
                 result = link(event)
                 # the final profile is filled in once all input is linked
-                body = resolved_record(event, None, int(time.time() * 1000)) if resolved is not None else None
+                body = (
+                    resolved_record(event, None, int(time.time() * 1000), result.anchor)
+                    if resolved is not None
+                    else None
+                )
+                keys = None
+                if session_ms is not None and any(i.type in shared_types for i in event.identifiers):
+                    keys = [i.key for i in event.identifiers]
                 write(
-                    orjson.dumps([event.event_id, result.profile_id, result.anchor, body], default=str)
+                    orjson.dumps(
+                        [event.event_id, result.profile_id, result.anchor, body, event.occurred_at_ms, keys],
+                        default=str,
+                    )
                     + b"\n"
                 )
         graph.flush()
         # step "final": follow merges (and splits) to where each event's profile ended up
-        follow_splits = graph.stats["splits"] > 0
-        memo: dict[str, str | None] = {}
+        final_of = _FinalProfiles(graph)
+        sightings = _shared_sightings(spool, final_of, shared_types) if session_ms is not None else {}
         spool.seek(0)
         assignments.parent.mkdir(parents=True, exist_ok=True)
         res_fh = resolved.open("wb") if resolved is not None else None
         try:
             with assignments.open("wb") as out:
                 for line in spool:
-                    event_id, pid, anchor, body = orjson.loads(line)
-                    if pid is None or (anchor is not None and graph.is_generic(anchor)):
-                        final = None  # no profile, or its anchor turned out shared: not attributable
-                    elif follow_splits:
-                        final = graph.final_profile(pid, anchor)
-                    else:
-                        final = memo.get(pid, "")
-                        if final == "":
-                            final = memo[pid] = graph.final_profile(pid)
+                    event_id, pid, anchor, body, at, keys = orjson.loads(line)
+                    final = final_of(pid, anchor)
+                    if final is None and sightings and keys and session_ms is not None:
+                        # an anonymous visit on a shared device: whoever identified on it in the same session
+                        final = _session_final(graph, keys, at, sightings, shared_types, session_ms)
                     if final is None:
                         summary.unassigned += 1
                     out.write(orjson.dumps({"event_id": event_id, "profile_id": final}) + b"\n")
@@ -255,6 +265,74 @@ def replay(
     summary.stats = dict(graph.stats)
     graph.close()
     return summary
+
+
+class _FinalProfiles:
+    """Where an event linked to `pid` by `anchor` belongs once all input is linked (memoised per profile)."""
+
+    def __init__(self, graph: IdentityGraph) -> None:
+        self.graph = graph
+        self.follow_splits = graph.stats["splits"] > 0
+        self.memo: dict[str, str | None] = {}
+
+    def __call__(self, pid: str | None, anchor: str | None) -> str | None:
+        graph = self.graph
+        if pid is None or (anchor is not None and graph.is_generic(anchor)):
+            return None  # no profile, or its anchor turned out shared: not attributable
+        if self.follow_splits:
+            return graph.final_profile(pid, anchor)
+        final = self.memo.get(pid, "")
+        if final == "":
+            final = self.memo[pid] = graph.final_profile(pid)
+        return final
+
+
+def _shared_sightings(
+    spool: BinaryIO, final_of: _FinalProfiles, shared_types: frozenset[str]
+) -> dict[str, list[tuple[int, str]]]:
+    """Per device / cookie now marked shared: (time, final profile) of each event naming a person on it."""
+    graph = final_of.graph
+    out: dict[str, list[tuple[int, str]]] = {}
+    spool.seek(0)
+    for line in spool:
+        _, pid, anchor, _, at, keys = orjson.loads(line)
+        if not keys:
+            continue
+        shared = [k for k in keys if k.split(":", 1)[0] in shared_types and graph.is_generic(k)]
+        if not shared or not any(
+            k.split(":", 1)[0] not in shared_types and not graph.is_generic(k) for k in keys
+        ):
+            continue
+        final = final_of(pid, anchor)
+        if final is not None:
+            for key in shared:
+                out.setdefault(key, []).append((at, final))
+    for seen in out.values():
+        seen.sort()
+    return out
+
+
+def _session_final(
+    graph: IdentityGraph,
+    keys: list[str],
+    at: int,
+    sightings: dict[str, list[tuple[int, str]]],
+    shared_types: frozenset[str],
+    window_ms: int,
+) -> str | None:
+    """The session owner of an event carrying nothing but shared devices / cookies and generic values."""
+    shared = []
+    for key in keys:
+        if key.split(":", 1)[0] in shared_types:
+            shared.append(key)
+        elif not graph.is_generic(key):
+            return None  # a usable person identifier that still gave no profile (erased): leave it
+    for key in sorted(shared):
+        seen = sightings.get(key)
+        owner = session_owner(seen, at, window_ms) if seen else None
+        if owner is not None:
+            return owner
+    return None
 
 
 def _print_summary(console: Console, s: ReplaySummary) -> None:

@@ -16,6 +16,7 @@ Rule decisions stay in the core's pure `check_attach` / `check_merge`; this modu
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -76,13 +77,18 @@ ENVELOPE_VERSION = 1
 # ------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def part(key: str, n: int) -> int:
-    """Owner partition of an identifier register: Kafka's murmur2 so the producer's keying agrees."""
+    """Owner partition of an identifier register: Kafka's murmur2 so the producer's keying agrees.
+
+    Cached: pure-Python murmur2 was a tenth of the worker's handling time, for keys that recur constantly.
+    """
     return murmur2_partition(key.encode(), n)
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def home(profile_id: str, n: int) -> int:
-    """Home partition of a profile: the same hash as identifiers, over the profile id."""
+    """Home partition of a profile: the same hash as identifiers, over the profile id (cached likewise)."""
     return murmur2_partition(profile_id.encode(), n)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.core.state import R_TYPE, ProfileState
+from streams.core.state import R_TYPE, R_VERIFIED, ProfileState
 from streams.events import Identifier
 from streams.exceptions import RulesError
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_merge",
     "is_soft_side",
     "load_rules",
+    "session_owner",
 ]
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.toml")
@@ -95,6 +97,9 @@ class Rules:
     shared_types: frozenset[str] = frozenset({"device_id", "cookie_id"})
     shared_person_types: frozenset[str] = frozenset({"customer_id", "loyalty_card", "phone", "email"})
     shared_max_people: int = 1
+    # final attribution of an anonymous event on a shared value: the person identified on that same device
+    # within this many ms of it (one visit, as web analytics count sessions); None = never attributed
+    shared_session_ms: int | None = 30 * 60_000
 
     @property
     def shared_active(self) -> bool:
@@ -226,7 +231,9 @@ def rules_from_mapping(data: Mapping[str, Any], base: Rules | None = None) -> Ru
     shared = data.get("shared_devices", {})
     if not isinstance(shared, Mapping):
         raise RulesError("[shared_devices] must be a table")
-    _check_keys(shared, {"enabled", "types", "person_types", "max_people"}, "[shared_devices]")
+    _check_keys(
+        shared, {"enabled", "types", "person_types", "max_people", "session_minutes"}, "[shared_devices]"
+    )
     if "enabled" in shared:
         kw["shared_devices"] = _bool(shared["enabled"], "shared_devices.enabled")
     if "types" in shared:
@@ -236,6 +243,9 @@ def rules_from_mapping(data: Mapping[str, Any], base: Rules | None = None) -> Ru
         kw["shared_person_types"] = frozenset(people)
     if "max_people" in shared:
         kw["shared_max_people"] = _pos_int(shared["max_people"], "shared_devices.max_people")
+    if "session_minutes" in shared:
+        minutes = _pos_int(shared["session_minutes"], "shared_devices.session_minutes", allow_zero=True)
+        kw["shared_session_ms"] = minutes * 60_000 or None
     out = Rules(**{**_as_kwargs(r), **kw})
     bad = sorted(out.unique_types - out.strong_types)
     if bad:
@@ -322,7 +332,7 @@ def check_merge(
             )
     if rules.verified_beats_unverified:
         bridge_verified = any(i.verified for i in side_a) and any(i.verified for i in side_b)
-        if not bridge_verified and a.has_verified() and b.has_verified():
+        if not bridge_verified and _holds_verified(a, rules) and _holds_verified(b, rules):
             return Refusal(
                 RULE_UNVERIFIED_BRIDGE,
                 "an unverified identifier links two profiles that each hold a verified one",
@@ -350,6 +360,25 @@ def check_merge(
     return None
 
 
+def session_owner(sightings: Sequence[tuple[int, str]], at_ms: int, window_ms: int) -> str | None:
+    """Who used a shared device at `at_ms`: the profile identified on it nearest in time, within the window.
+
+    `sightings` are (time, final profile) of identified events on the device, sorted. A family tablet is
+    used by one person at a time, and the web visit that ends in a login starts anonymously: the browse
+    minutes before (or after) someone identified on the device are theirs; anything further off stays
+    unattributed. Ties go to the earlier sighting (determinism).
+    """
+    i = bisect.bisect_left(sightings, (at_ms - window_ms, ""))
+    best: tuple[int, str] | None = None
+    for when, profile in sightings[i:]:
+        if when > at_ms + window_ms:
+            break
+        gap = abs(when - at_ms)
+        if best is None or gap < best[0]:
+            best = (gap, profile)
+    return None if best is None else best[1]
+
+
 def is_soft_side(side: Sequence[Identifier], rules: Rules) -> bool:
     """A bridge side is soft when it holds no verified and no unique-type identifier and < 2 strong ones.
 
@@ -366,7 +395,19 @@ def is_soft_side(side: Sequence[Identifier], rules: Rules) -> bool:
 
 def _soft(p: ProfileState, side: Sequence[Identifier], rules: Rules) -> bool:
     """A soft bridge into a soft profile: its identity rests on typed values only (no verified, no unique)."""
-    return is_soft_side(side, rules) and not p.has_verified() and not p.has_type_in(rules.unique_types)
+    return (
+        is_soft_side(side, rules) and not _holds_verified(p, rules) and not p.has_type_in(rules.unique_types)
+    )
+
+
+def _holds_verified(p: ProfileState, rules: Rules) -> bool:
+    """Whether a verified *person* identifier is held: a verified device or cookie names no one.
+
+    An SDK's device id is always "verified"; counting it made an anonymous app profile look like a known
+    person, so the visitor's own typed phone could never bring it into her profile (`unverified_bridge`).
+    """
+    strong = rules.strong_types
+    return any(r[R_VERIFIED] and r[R_TYPE] in strong for r in p.ids.values())
 
 
 def strong_types_of(p: ProfileState, rules: Rules) -> list[str]:

@@ -44,6 +44,10 @@ ERASED = "erased"
 R_TYPE, R_FIRST, R_LAST, R_SOURCE, R_VERIFIED, R_VIA, R_ORIGIN, R_NB = range(8)
 IdentRecord = list[Any]
 
+# first element of an encoded profile (see `ProfileState.encode`): live profile, or merged / erased tombstone
+_ENC_ACTIVE = 1
+_ENC_TOMBSTONE = 0
+
 
 def neighbour_code(key: str) -> int:
     """An identifier key as a 48-bit code: 16-bit tag of its type, crc32 of the key (no raw value kept).
@@ -110,14 +114,21 @@ class ProfileState:
             self.last_ms = at
         if at < self.first_ms:
             self.first_ms = at
-        for slots, name in ((self.channels, ev.channel), (self.sources, ev.source)):
-            slot = slots.get(name)
-            if slot is None:
-                slots[name] = [1, at]
-            else:
-                slot[0] += 1
-                if at > slot[1]:
-                    slot[1] = at
+        # unrolled for channels and sources: this runs for every event (the hot path)
+        slot = self.channels.get(ev.channel)
+        if slot is None:
+            self.channels[ev.channel] = [1, at]
+        else:
+            slot[0] += 1
+            if at > slot[1]:
+                slot[1] = at
+        slot = self.sources.get(ev.source)
+        if slot is None:
+            self.sources[ev.source] = [1, at]
+        else:
+            slot[0] += 1
+            if at > slot[1]:
+                slot[1] = at
         if ev.type in ORDER_TYPES:
             self.orders += 1
             attrs = ev.attributes
@@ -231,8 +242,32 @@ class ProfileState:
         }
 
     def encode(self) -> bytes:
-        """Compact bytes for the store."""
-        return orjson.dumps(self.to_dict())
+        """Compact bytes for the store and the graph's cold cache: a positional array, no key names.
+
+        About a third smaller and faster both ways than the `to_dict` form (which `decode` still reads).
+        """
+        if self.status != ACTIVE:
+            return orjson.dumps((_ENC_TOMBSTONE, self.id, self.status, self.merged_into, self.seq))
+        return orjson.dumps(
+            (
+                _ENC_ACTIVE,
+                self.id,
+                self.seq,
+                self.created_ms,
+                self.first_ms,
+                self.last_ms,
+                self.events,
+                self.orders,
+                {k: str(v) for k, v in self.revenue.items()} if self.revenue else None,
+                self.channels,
+                self.sources,
+                self.ids,
+                self.apart,
+                self.merged_from,
+                self.split_from,
+                self.extra or None,
+            )
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProfileState:
@@ -263,8 +298,49 @@ class ProfileState:
 
     @classmethod
     def decode(cls, raw: bytes) -> ProfileState:
-        """Inverse of `encode`."""
-        return cls.from_dict(orjson.loads(raw))
+        """Inverse of `encode`; also reads the `to_dict` form that earlier versions stored."""
+        d = orjson.loads(raw)
+        if type(d) is dict:
+            return cls.from_dict(d)
+        p = cls.__new__(cls)
+        if d[0] == _ENC_TOMBSTONE:
+            _, p.id, p.status, p.merged_into, p.seq = d
+            p.created_ms = p.first_ms = p.last_ms = p.events = p.orders = 0
+            p.revenue, p.channels, p.sources, p.ids, p.types, p.extra = {}, {}, {}, {}, {}, {}
+            p.apart = p.merged_from = ()
+            p.split_from = None
+            return p
+        (
+            _,
+            p.id,
+            p.seq,
+            p.created_ms,
+            p.first_ms,
+            p.last_ms,
+            p.events,
+            p.orders,
+            rev,
+            p.channels,
+            p.sources,
+            ids,
+            apart,
+            merged_from,
+            p.split_from,
+            extra,
+        ) = d
+        p.status = ACTIVE
+        p.merged_into = None
+        p.revenue = {k: Decimal(v) for k, v in rev.items()} if rev else {}
+        p.ids = ids
+        types: dict[str, int] = {}
+        for r in ids.values():
+            t = r[0]  # R_TYPE
+            types[t] = types.get(t, 0) + 1
+        p.types = types
+        p.apart = tuple(apart) if apart else ()
+        p.merged_from = tuple(merged_from) if merged_from else ()
+        p.extra = extra or {}
+        return p
 
     def snapshot(self) -> dict[str, Any]:
         """Readable summary for snapshots and `explain`: identifiers with first/last seen, source."""

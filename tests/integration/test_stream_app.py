@@ -108,9 +108,8 @@ def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None
     assert f"email:kolya.{run}@mail.ru" in web["identifier_keys"]  # normalised before stitching
 
     def survivor_changes() -> list[dict[str, Any]]:
-        return [
-            v for _, v in topic_values(kafka_bootstrap, "identity.changes") if v and v["profile_id"] == survivor
-        ]
+        changes = topic_values(kafka_bootstrap, "identity.changes")
+        return [v for _, v in changes if v and v["profile_id"] == survivor]
 
     # the merge completes a few partition hops after the event that caused it was resolved
     wait_for("the merge", lambda: any(c["kind"] == "profiles_merged" for c in survivor_changes()))

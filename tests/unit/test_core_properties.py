@@ -90,7 +90,10 @@ def test_same_input_same_output(spec: Any) -> None:
     events = events_from_specs(spec, erase_every=11)
     a = run(IdentityGraph(flush_every=3, cache_profiles=2), events)
     b = run(IdentityGraph(flush_every=1000), events)
-    assert a == b
+    # tiny cold and identifier caches: generations are dropped, misses go to the store
+    c = run(IdentityGraph(flush_every=2, cache_profiles=1, cold_profiles=2, cache_identifiers=2), events)
+    d = run(IdentityGraph(flush_every=3, cache_profiles=2, cold_profiles=0), events)
+    assert a == b == c == d
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,7 +121,7 @@ def test_restart_on_rocksdb_continues_where_it_stopped(tmp_path: Any) -> None:
     first = IdentityGraph(RocksStore(tmp_path / "s"), flush_every=3)
     trace = run(first, events[:half])
     first.close()
-    second = IdentityGraph(RocksStore(tmp_path / "s"), flush_every=3)
+    second = IdentityGraph(RocksStore(tmp_path / "s"), flush_every=3, cache_profiles=2, cache_identifiers=3)
     trace += run(second, events[half:])
     assert trace == trace_one
     assert dict(second.iter_identifiers()) == dict(one.iter_identifiers())

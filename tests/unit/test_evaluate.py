@@ -104,6 +104,24 @@ def test_assignments_from_resolved_follows_merge_chains() -> None:
     assert final["e5"] in {"C1", "C2"}
 
 
+def test_assignments_from_resolved_unattributes_events_anchored_by_a_value_later_found_generic() -> None:
+    resolved = [
+        {"event_id": "call", "profile_id": "P1", "anchor": "phone:+74950000000"},
+        {"event_id": "login", "profile_id": "P1", "anchor": "email:a@b.ru"},
+    ]
+    changes = [
+        {
+            "kind": "merge_refused",
+            "profile_id": "P2",
+            "rule": "generic_value",
+            "identifiers": ["phone:+74950000000"],
+        },
+        {"kind": "merge_refused", "profile_id": "P1", "rule": "unique_id", "identifiers": ["email:a@b.ru"]},
+    ]
+    final = assignments_from_resolved(resolved, changes)
+    assert final == {"call": None, "login": "P1"}  # as `replay --assignments` assigns them
+
+
 def _event(event_id: str, *identifiers: tuple[str, str]) -> bytes:
     return orjson.dumps(
         {

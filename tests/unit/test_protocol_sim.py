@@ -219,6 +219,35 @@ def test_kolya_story_converges_to_one_profile() -> None:
             assert {final.resolve(r.profile_id) for r in sim.resolved} == {p.id}
 
 
+def test_a_verified_claim_bridges_like_in_the_core() -> None:
+    """The claimed value's `verified` travels with the merge: the register only knows the value."""
+    card_holder = _ev("pos", "loyalty_card:L1", "phone:+79990001122", at=1)
+    web_cart = _ev("web", "cookie_id:c1", "email:kolya@x.ru", at=2)
+    app_login = NormalizedEvent(
+        "app",
+        "app",
+        "mobile_app",
+        "login",
+        3,
+        (
+            Identifier("device_id", "d1", False),
+            Identifier("phone", "+79990001122", False),
+            Identifier("email", "kolya@x.ru", True),
+        ),
+    )
+    core = IdentityGraph(rules=load_rules())
+    for ev in (card_holder, web_cart, app_login):
+        core.link(ev)
+    assert len({core.lookup(k) for k in ("loyalty_card:L1", "email:kolya@x.ru")}) == 1
+    for n in (1, 3, 8):
+        sim = Sim(n, load_rules(), seed=n)
+        for ev in (card_holder, web_cart, app_login):
+            sim.feed([ev])
+            final = sim.run()
+        (p,) = final.live().values()
+        assert len(p.ids) == 5
+
+
 # --- routing and encoding ----------------------------------------------------------------------------------
 
 

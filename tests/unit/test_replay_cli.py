@@ -185,3 +185,30 @@ def test_replay_workers_env_must_be_a_number(kolya_file: Path, tmp_path: Path) -
     r = runner.invoke(app, args, env={"OMNISTITCH_REPLAY_WORKERS": "1"})
     assert r.exit_code == 0, r.output
     assert len(read(tmp_path / "a")) == 5
+
+
+def test_anonymous_visits_on_a_shared_tablet_go_to_whoever_logged_in_that_session(tmp_path: Path) -> None:
+    tablet = ("device_id", "tab-1", True)
+    lines = [
+        envelope("f1", "10:00:00", tablet, ("customer_id", "anna", True), type="login"),
+        envelope("f2", "10:02:00", tablet),  # Anna browsing after her login
+        envelope("f4", "14:50:00", tablet),  # Boris browsing before his login
+        envelope("f3", "15:00:00", tablet, ("customer_id", "boris", True), type="login"),  # now shared
+        envelope("f5", "20:00:00", tablet),  # nobody identified on the tablet around then
+    ]
+    src = tmp_path / "family.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "a.jsonl"
+    args = ["replay", str(src), "--state", str(tmp_path / "s"), "--assignments", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    got = {r["event_id"]: r["profile_id"] for r in read(out)}
+    assert got["f2"] == got["f1"] and got["f4"] == got["f3"] != got["f1"]
+    assert got["f5"] is None
+    rules = tmp_path / "r.toml"
+    rules.write_text("[shared_devices]\nsession_minutes = 0\n")
+    out0 = tmp_path / "a0.jsonl"
+    args = ["replay", str(src), "--state", str(tmp_path / "s0"), "--assignments", str(out0)]
+    assert runner.invoke(app, [*args, "--rules", str(rules)]).exit_code == 0
+    got0 = {r["event_id"]: r["profile_id"] for r in read(out0)}
+    assert got0["f2"] is None and got0["f4"] is None and got0["f5"] is None

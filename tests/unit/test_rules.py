@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from streams.core import ProfileState, Rules, TypeLimit, check_attach, check_merge, load_rules
-from streams.core.rules import DEFAULT_RULES_PATH, RULES_ENV
+from streams.core.rules import DEFAULT_RULES_PATH, RULES_ENV, session_owner
 from streams.events import Identifier
 from streams.exceptions import ConfigError, RulesError
 
@@ -62,6 +62,7 @@ def test_rules_file_overrides_and_env(tmp_path: Path, monkeypatch: pytest.Monkey
         '[shared_devices]\ntypes = ["email"]\n',
         "[shared_devices]\nmax_people = 0\n",
         "[shared_devices]\nunknown = 1\n",
+        "[shared_devices]\nsession_minutes = -5\n",
     ],
 )
 def test_bad_rules_fail_loudly(tmp_path: Path, text: str) -> None:
@@ -97,6 +98,20 @@ def test_check_merge_rules_in_isolation() -> None:
     assert check_merge(va, vb, [], [], Rules.unprotected(), 0) is None
 
 
+def test_a_verified_device_is_not_a_verified_person() -> None:
+    """An app profile holding only its SDK-verified device id joins her card profile via her typed phone."""
+    r = Rules()
+    app = profile("APP", "device_id:d1", verified=("device_id:d1",))
+    card = profile("CARD", "loyalty_card:2000", "phone:+71", verified=("loyalty_card:2000",))
+    assert check_merge(app, card, [i("device_id:d1", True)], [i("phone:+71")], r, 0) is None
+    # a verified person identifier on both sides still needs a verified bridge
+    account = profile("ACC", "device_id:d2", "email:a@x.com", verified=("device_id:d2", "email:a@x.com"))
+    unv = check_merge(account, card, [i("device_id:d2", True)], [i("phone:+71")], r, 0)
+    assert unv is not None and unv.rule == "weak_bridge"
+    unv = check_merge(account, card, [i("email:a@x.com")], [i("phone:+71")], r, 0)
+    assert unv is not None and unv.rule == "unverified_bridge"
+
+
 def test_check_attach_limits_and_cap() -> None:
     r = Rules(limits={"email": TypeLimit(1)}, max_identifiers=2)
     p = profile("P", "email:a@x.com")
@@ -125,3 +140,17 @@ def test_shared_devices_are_read_from_the_rules_file(tmp_path: Path) -> None:
     f.write_text("[shared_devices]\nenabled = false\n")
     assert not load_rules(f).shared_active
     assert not Rules.unprotected().shared_active  # plain connected components stay plain
+
+
+def test_session_minutes_and_the_session_owner(tmp_path: Path) -> None:
+    f = tmp_path / "r.toml"
+    f.write_text("[shared_devices]\nsession_minutes = 10\n")
+    assert load_rules(f).shared_session_ms == 600_000
+    assert load_rules().shared_session_ms == 1_800_000
+    f.write_text("[shared_devices]\nsession_minutes = 0\n")
+    assert load_rules(f).shared_session_ms is None
+    seen = [(1_000, "A"), (5_000, "B"), (9_000, "A")]
+    assert session_owner(seen, 4_000, 2_000) == "B"  # nearest
+    assert session_owner(seen, 3_000, 2_000) == "A"  # a tie goes to the earlier sighting
+    assert session_owner(seen, 20_000, 2_000) is None  # nobody identified within the window
+    assert session_owner([], 0, 2_000) is None
