@@ -18,6 +18,7 @@ __all__ = [
     "MERGES_REFUSED_TOTAL",
     "MERGES_TOTAL",
     "PROTOCOL_DROPPED_TOTAL",
+    "REDELIVERED_TOTAL",
     "REGISTRY",
 ]
 
@@ -57,6 +58,11 @@ PROTOCOL_DROPPED_TOTAL = Counter(
     "omnistitch_protocol_dropped_total",
     "Protocol messages dropped on purpose (e.g. for an erased profile), by reason.",
     ["reason"],
+    registry=REGISTRY,
+)
+REDELIVERED_TOTAL = Counter(
+    "omnistitch_redelivered_total",
+    "Input records skipped because they were already processed (faust re-sends around rebalances).",
     registry=REGISTRY,
 )
 # One batch = one partition's records of one take(): sizes from a trickle to the 2,000-record cap.

@@ -10,8 +10,15 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
    same transaction as every record the batch produced (outputs, envelopes, DLQ, table changelogs);
 2. a batch holds `lock` from its first read to its commit, and faust's rebalance steps that stop and start
    transactional producers wait for it, so producers never change under a batch;
-3. any transaction error is fatal: the process exits at once, without marking a clean stop, so the next
-   start rebuilds local tables from the committed changelogs (`wipe_tables_after_unclean_stop`).
+3. we track each input partition's position ourselves: read from the group's committed offsets right after
+   a rebalance has fenced the previous owners, advanced by each commit. A record below it is a redelivery
+   (faust re-seeks and re-sends around rebalances) and is skipped; so is a record of a partition we no longer
+   own. Nothing else is skipped, so nothing is lost: whatever we do not commit is read again;
+4. any transaction error is fatal: the process exits at once, without marking a clean stop, so the next
+   start rebuilds local tables from the committed changelogs (`wipe_tables_after_unclean_stop`);
+5. table recovery asks the broker where each changelog ends (`read_committed`), instead of faust's cached
+   last-stable offset, which is -1 for a partition this consumer has not fetched yet: with exactly-once on,
+   faust restored *nothing* on every newly assigned partition (`fix_recovery_highwaters`).
 """
 
 from __future__ import annotations
@@ -22,13 +29,22 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
+from confluent_kafka import Consumer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-__all__ = ["CLEAN_STOP_MARKER", "PartitionTransactions", "mark_clean_stop", "wipe_tables_after_unclean_stop"]
+__all__ = [
+    "CLEAN_STOP_MARKER",
+    "PartitionTransactions",
+    "fix_recovery_highwaters",
+    "mark_clean_stop",
+    "wipe_tables_after_unclean_stop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +56,33 @@ FATAL_EXIT_STATUS = 70
 class PartitionTransactions:
     """Commits a batch's records and input offsets of one partition atomically, with faust's producers."""
 
-    def __init__(self, app: faust.App, input_topic: str, on_rebalance: Callable[[], None]) -> None:
+    def __init__(
+        self, app: faust.App, input_topic: str, bootstrap: str, on_rebalance: Callable[[], None]
+    ) -> None:
         self._app = app
+        self._bootstrap = bootstrap
+        # (topic, partition) → next offset to process, for the partitions assigned to us
+        self.positions: dict[tuple[str, int], int] = {}
         self._input_topic = input_topic
         self._on_rebalance = on_rebalance
         self.lock = asyncio.Lock()
         # True while local tables hold writes no transaction has committed yet (a stop then is unclean)
         self._dirty = False
         self._marker: Path | None = None
+        self._closing = False
         self._installed_on: object | None = None
+
+    @property
+    def closing(self) -> bool:
+        """True once the worker stops: no batch starts any more (uncommitted input is read again later)."""
+        return self._closing
+
+    async def close(self, data_dir: Path) -> None:
+        """Wait for the batch in flight to commit, start no other, and mark the stop clean if it is."""
+        async with self.lock:
+            self._closing = True
+            if not self._dirty:
+                self._marker = mark_clean_stop(data_dir)
 
     def begin_batch(self) -> None:
         """Local rows are about to change ahead of their commit: a stop from here on is unclean."""
@@ -60,11 +94,6 @@ class PartitionTransactions:
     def end_batch(self) -> None:
         """Every row written so far is committed."""
         self._dirty = False
-
-    def stopped_cleanly(self, data_dir: Path) -> None:
-        """Mark a clean stop unless a batch is half done (then the next start rebuilds the tables)."""
-        if not self._dirty:
-            self._marker = mark_clean_stop(data_dir)
 
     def install(self) -> None:
         """Disable faust's commits and fence its rebalance steps off from batches (idempotent)."""
@@ -79,15 +108,38 @@ class PartitionTransactions:
         consumer.commit = commit_nothing  # type: ignore[method-assign]
         transactions: Any = consumer.transactions
         transactions.on_partitions_revoked = self._guarded(transactions.on_partitions_revoked)
-        transactions.on_rebalance = self._guarded(transactions.on_rebalance)
+        transactions.on_rebalance = self._guarded(transactions.on_rebalance, refresh_positions=True)
 
-    def _guarded(self, step: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _guarded(
+        self, step: Callable[..., Awaitable[Any]], *, refresh_positions: bool = False
+    ) -> Callable[..., Awaitable[Any]]:
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             async with self.lock:
                 self._on_rebalance()  # caches of partitions that may move must go
-                return await step(*args, **kwargs)
+                result = await step(*args, **kwargs)
+                if refresh_positions:
+                    # `on_rebalance(assigned, revoked, newly_assigned)` has started (and so fenced) the
+                    # producers of every assigned partition: their committed offsets are final now
+                    assigned = args[0]
+                    self.positions = await asyncio.to_thread(
+                        self._committed, [(tp.topic, tp.partition) for tp in assigned]
+                    )
+                return result
 
         return guarded
+
+    def _committed(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The group's committed offsets (an OffsetFetch only: this consumer never joins the group)."""
+        reader = Consumer({"bootstrap.servers": self._bootstrap, "group.id": self._app.conf.id})
+        try:
+            found = reader.committed([KafkaTopicPartition(t, p) for t, p in partitions], timeout=30)
+        finally:
+            reader.close()
+        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
+
+    def accepts(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the record at `offset` is new to us (not below the partition's position)."""
+        return offset >= self.positions.get((topic, partition), 0)
 
     def transactional_id(self, partition: int) -> str:
         """faust's id for the producer of `partition` of our topic group (the one its rebalance fences)."""
@@ -114,8 +166,26 @@ class PartitionTransactions:
             )
             await producer.commit_transaction()
             await producer.begin_transaction()
+            self.positions.update(offsets)
+        except asyncio.CancelledError:
+            raise  # stopping mid-batch: the open transaction is aborted by the next owner, no clean marker
         except BaseException as exc:  # every failure here is fatal by design
             fatal(f"transaction failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
+
+
+def fix_recovery_highwaters() -> None:
+    """Make faust's table recovery read changelog ends from the broker (idempotent, process-wide).
+
+    faust 0.15.3 under exactly-once takes them from `AIOKafkaConsumer.last_stable_offset`, a value cached from
+    fetch responses: -1 for a partition just assigned, so recovery believed every changelog empty, restored
+    nothing after a restart or a rebalance, and (with a persisted offset) raised ConsistencyError. aiokafka's
+    `end_offsets` sends ListOffsets with the consumer's isolation level, i.e. returns the last stable offset.
+    """
+
+    async def broker_highwaters(self: Any, partitions: list[Any]) -> Mapping[Any, int]:
+        return cast(Mapping[Any, int], await self._ensure_consumer().end_offsets(partitions))
+
+    AIOKafkaConsumerThread._highwaters = broker_highwaters  # type: ignore[method-assign]
 
 
 def fatal(reason: str) -> None:
