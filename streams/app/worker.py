@@ -280,9 +280,10 @@ def create_app(
             if producer is None:
                 fatal(f"partition {partition} is assigned but has no transactional producer")
             part = _Batch(partition, n, cast(AIOKafkaProducer, producer))
+            state = state_for(partition)
             for event in group:
-                _handle(part, event, now_ms)
-            await _publish(part, now_ms)
+                _handle(state, part, event, now_ms)
+            await _publish(state, part, now_ms)
             work.append(part)
             metrics.BATCH_RECORDS.observe(len(group))
         handled = time.perf_counter()
@@ -292,11 +293,10 @@ def create_app(
         txns.end_batch()
         metrics.BATCH_SECONDS.labels("commit").observe(time.perf_counter() - handled)
 
-    def _handle(part: _Batch, event: faust.EventT[bytes], now_ms: int) -> None:
+    def _handle(state: PartitionState, part: _Batch, event: faust.EventT[bytes], now_ms: int) -> None:
         message = event.message
         part.offsets[(message.topic, message.partition)] = message.offset + 1
         value = event.value if isinstance(event.value, bytes) else b""
-        state = state_for(part.partition)
         if message.topic == internal:
             for msg in decode_envelope(value):
                 handle(state, msg, part.effects)
@@ -324,10 +324,9 @@ def create_app(
             metrics.IDENTIFIERS_DROPPED_TOTAL.labels(type_, reason).inc()
         ingest(state, normalized, part.effects)
 
-    async def _publish(part: _Batch, now_ms: int) -> None:
+    async def _publish(state: PartitionState, part: _Batch, now_ms: int) -> None:
         """Send what the partition's handlers produced, and its changed rows, in its transaction."""
         fx = part.effects
-        state = state_for(part.partition)
         for dest, msgs in fx.sends.items():
             # (destination partition → its messages, in handling order): one envelope each
             part.add(internal, str(dest).encode(), encode_envelope(msgs), partition=dest)

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.integration.workers import ROOT, Worker
+from tests.integration.workers import ROOT, BrokerError, Worker, localkafka
 
-LOCALKAFKA = ROOT / "deploy" / "kafka" / "localkafka.py"
 TEST_BROKER_STATE = ROOT / ".run" / "test-kafka"
 
 
@@ -26,17 +25,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _broker(command: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(LOCALKAFKA), command, "--state-dir", str(TEST_BROKER_STATE)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(
-            f"local Kafka broker '{command}' failed:\n{result.stdout}\n{result.stderr}", pytrace=False
-        )
-    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    try:
+        return localkafka(command, TEST_BROKER_STATE)
+    except BrokerError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,6 @@ A simulated population (≥ 50k events) is produced to all raw topics at once wh
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,9 +37,8 @@ from streams.produce import ChannelProducer
 from streams.simulate import SimConfig, simulate
 from streams.topic_reader import read_to_end
 from streams.validate import validate_event
-from tests.integration.workers import ROOT, Worker, wait_for
+from tests.integration.workers import BrokerError, Worker, localkafka, wait_for
 
-LOCALKAFKA = ROOT / "deploy" / "kafka" / "localkafka.py"
 PARTITIONS = 8
 # ~12.9 events per simulated person: 4,000 people ≈ 51k events
 PEOPLE = 4_000
@@ -77,12 +74,10 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     state = tmp_path / "kafka"
-    up = subprocess.run(
-        [sys.executable, str(LOCALKAFKA), "up", "--state-dir", str(state)], capture_output=True, text=True
-    )
-    if up.returncode != 0:
-        pytest.fail(f"broker did not start:\n{up.stdout}\n{up.stderr}", pytrace=False)
-    bootstrap = up.stdout.strip().splitlines()[-1]
+    try:
+        bootstrap = localkafka("up", state)
+    except BrokerError as exc:
+        pytest.fail(str(exc), pytrace=False)
     app_id = f"scale-{uuid.uuid4().hex[:8]}"
     create_topics(AppSettings(bootstrap=bootstrap, app_id=app_id, partitions=PARTITIONS))
     running = Cluster(bootstrap, app_id, tmp_path, {"OMNISTITCH_PARTITIONS": str(PARTITIONS)})
@@ -91,7 +86,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     finally:
         for worker in running.workers:
             worker.stop()
-        subprocess.run([sys.executable, str(LOCALKAFKA), "down", "--state-dir", str(state)], check=False)
+        localkafka("down", state)
 
 
 @dataclass

@@ -16,6 +16,24 @@ import orjson
 from streams.topic_reader import read_to_end as read_topic
 
 ROOT = Path(__file__).resolve().parents[2]
+LOCALKAFKA = ROOT / "deploy" / "kafka" / "localkafka.py"
+
+
+class BrokerError(RuntimeError):
+    """`localkafka.py` failed; its output says why."""
+
+
+def localkafka(command: str, state_dir: Path) -> str:
+    """Run `localkafka.py COMMAND --state-dir DIR`, the project's own broker; returns its last output line."""
+    result = subprocess.run(
+        [sys.executable, str(LOCALKAFKA), command, "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BrokerError(f"local Kafka broker '{command}' failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
 
 def _free_port() -> int:
