@@ -13,11 +13,12 @@ consumer group, from the earliest offset:
 2. `omnistitch worker` x 2, then x 1: from the first output until every event is visible in
    `events.resolved` + `dlq` (read_committed). The rate is taken from the moment every worker has validated
    something (its `/metrics`), so the 2-worker figure is not one worker's head start;
-3. latency: the 1-worker run's worker stays up (warm) while the rest of the population is sent live at
-   `--rate` events/s, each event's `occurred_at` rewritten to its send time. Latency is receive time -
-   send time on `events.resolved` (by `event_id`) and receive time - `last_activity_ms` on `profiles`.
-   Skipped, with the reason, when that worker has not finished the preloaded events within the run
-   timeout: live events would only measure the queue behind them.
+3. latency: the workers of the `--latency-workers` run (2 by default, the smallest deployment that survives
+   a crash) stay up (warm) while the rest of the population is sent live at `--rate` events/s, each
+   event's `occurred_at` rewritten to its send time. Latency is receive time - send time on
+   `events.resolved` (by `event_id`) and receive time - `last_activity_ms` on `profiles`. Skipped, with the
+   reason, when those workers have not finished the preloaded events within the run timeout: live events
+   would only measure the queue behind them.
 
 CPU (user+sys from /proc/<pid>/stat, 100 % = one core) and peak RSS are sampled for every process — each
 worker or reference process, the broker JVM and this bench — over each measurement window, because the
@@ -540,9 +541,9 @@ class Bench:
     # --- latency ----------------------------------------------------------------------------------------
 
     def latency(
-        self, worker: Spawned, producers: dict[str, ChannelProducer], live: list[LiveEvent]
+        self, workers: list[Spawned], producers: dict[str, ChannelProducer], live: list[LiveEvent]
     ) -> dict[str, Any]:
-        """Send `live` at a steady rate to the warm worker, stamping each event's occurred_at at send time.
+        """Send `live` at a steady rate to the warm workers, stamping each event's occurred_at at send time.
 
         Pacing is done here, not by ChannelProducer's `rate`: one schedule across the per-source producers,
         and the stamp must be taken right before `produce`, after any pacing sleep.
@@ -552,7 +553,7 @@ class Bench:
         live_from_ms = int(time.time() * 1000)
         watcher = LatencyWatcher(self.bootstrap, sent, live_from_ms)
         watcher.start()
-        sampler = Sampler(self.pids(**{worker.name: worker}))
+        sampler = Sampler(self.pids(**{worker.name: worker for worker in workers}))
         sampler.start()
         began = time.monotonic()
         wall_began = time.time()
@@ -565,8 +566,9 @@ class Bench:
                 occurred = datetime.fromtimestamp(now_ms / 1000, UTC).isoformat(timespec="milliseconds")
                 sent.setdefault(event.event_id, []).append(now_ms)
                 producers[event.source].send_validated(event.head + occurred.encode() + event.tail, event.key)
-                if not worker.alive():
-                    raise RunFailed(f"latency worker exited:\n{worker.tail()}")
+                for worker in workers:
+                    if not worker.alive():
+                        raise RunFailed(f"latency {worker.name} exited:\n{worker.tail()}")
             send_seconds = time.monotonic() - began
             wall_sent = time.time()
             backlog = len(live) - len(watcher.resolved_ms)
@@ -579,7 +581,7 @@ class Bench:
             watcher.stop()
             sampler.stop()
         return {
-            "workers": 1,
+            "workers": len(workers),
             "target_rate": rate,
             "sent": len(live),
             "achieved_rate": round(len(live) / send_seconds, 1),
@@ -590,6 +592,32 @@ class Bench:
             "profiles_ms": percentiles(watcher.profile_ms),
             "processes": sampler.summary(wall_began, wall_sent),
         }
+
+    def latency_after(
+        self,
+        run: dict[str, Any],
+        warm: list[Spawned],
+        producers: dict[str, ChannelProducer],
+        population: Population,
+    ) -> dict[str, Any]:
+        """The latency phase on the warm workers of `run`, unless they left preloaded events unprocessed."""
+        pending = population.preloaded - run["outputs"]
+        try:
+            if pending:
+                return {
+                    "error": f"skipped: the workers had {pending:,} preloaded events left after "
+                    f"{self.args.run_timeout:.0f}s; live events would queue behind them"
+                }
+            print(
+                f"-- latency at {self.args.rate:,.0f} events/s for {self.args.latency_seconds:.0f}s …",
+                flush=True,
+            )
+            return self.latency(warm, producers, population.live)
+        except RunFailed as exc:
+            return {"error": str(exc)}
+        finally:
+            for worker in warm:
+                worker.stop()
 
 
 def _free_port() -> int:
@@ -706,12 +734,13 @@ def report(result: dict[str, Any]) -> None:
     lat = result.get("latency")
     if lat and "error" not in lat:
         print(
-            f"\n== latency: 1 warm worker, {lat['sent']:,} live events at {lat['target_rate']:,.0f}/s "
+            f"\n== latency: {lat['workers']} warm worker(s), {lat['sent']:,} live events "
+            f"at {lat['target_rate']:,.0f}/s "
             f"(achieved {lat['achieved_rate']:,.0f}/s), {lat['resolved_seen']:,} resolved seen"
         )
         if lat["backlog_when_sending_ended"] > lat["target_rate"]:
             print(
-                f"   the worker fell behind: {lat['backlog_when_sending_ended']:,} events unresolved when "
+                f"   the workers fell behind: {lat['backlog_when_sending_ended']:,} events unresolved when "
                 "sending ended, so these latencies measure a growing backlog"
             )
         print(f"{'path (ms)':46} {'n':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
@@ -779,6 +808,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5000.0, help="live events/s of the latency phase")
     parser.add_argument("--latency-seconds", type=float, help="length of the latency phase (30, quick 8)")
     parser.add_argument(
+        "--latency-workers", type=int, choices=(1, 2), default=2, help="warm workers of the latency phase"
+    )
+    parser.add_argument(
         "--partitions", type=int, default=8, help="partitions per topic (OMNISTITCH_PARTITIONS)"
     )
     parser.add_argument(
@@ -841,28 +873,13 @@ def main() -> None:
             with measured(runs, name):
                 out = ["--out-topic", bench.passthrough_topic(), *txn]
                 runs[name] = bench.reference(name, "passthrough", *out, stop_after=False)
-        with measured(runs, "workers_2"):
-            runs["workers_2"], _ = bench.workers(2, keep=False)
-        latency: dict[str, Any] = {"error": "not run: the 1-worker run failed"}
-        with measured(runs, "workers_1"):
-            runs["workers_1"], (warm,) = bench.workers(1, keep=True)
-            pending = population.preloaded - runs["workers_1"]["outputs"]
-            try:
-                if pending:
-                    latency = {
-                        "error": f"skipped: the worker had {pending:,} preloaded events left after "
-                        f"{args.run_timeout:.0f}s; live events would queue behind them"
-                    }
-                else:
-                    print(
-                        f"-- latency at {args.rate:,.0f} events/s for {args.latency_seconds:.0f}s …",
-                        flush=True,
-                    )
-                    latency = bench.latency(warm, producers, population.live)
-            except RunFailed as exc:
-                latency = {"error": str(exc)}
-            finally:
-                warm.stop()
+        latency: dict[str, Any] = {"error": f"not run: the {args.latency_workers}-worker run failed"}
+        for count in (2, 1):
+            with measured(runs, f"workers_{count}"):
+                keep = count == args.latency_workers
+                runs[f"workers_{count}"], warm = bench.workers(count, keep=keep)
+                if keep:
+                    latency = bench.latency_after(runs[f"workers_{count}"], warm, producers, population)
         result = {
             "config": {
                 "events": population.preloaded,
@@ -874,6 +891,7 @@ def main() -> None:
                 "faust_within": args.faust_within,
                 "latency_rate": args.rate,
                 "latency_seconds": args.latency_seconds,
+                "latency_workers": args.latency_workers,
                 "quick": args.quick,
                 "worker_env": worker_env,
             },

@@ -37,6 +37,7 @@ from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.types import ConsumerT
 
 __all__ = [
     "CLEAN_STOP_MARKER",
@@ -70,7 +71,6 @@ class PartitionTransactions:
         self._dirty = False
         self._marker: Path | None = None
         self._closing = False
-        self._installed_on: object | None = None
 
     @property
     def closing(self) -> bool:
@@ -95,12 +95,8 @@ class PartitionTransactions:
         """Every row written so far is committed."""
         self._dirty = False
 
-    def install(self) -> None:
-        """Disable faust's commits and fence its rebalance steps off from batches (idempotent)."""
-        consumer = self._app.consumer
-        if self._installed_on is consumer:
-            return
-        self._installed_on = consumer
+    def install(self, consumer: ConsumerT) -> None:
+        """Disable faust's commits on `consumer` and fence its rebalance steps off from batches."""
 
         async def commit_nothing(*args: Any, **kwargs: Any) -> bool:
             return False  # offsets are committed inside our transactions only
