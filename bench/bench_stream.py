@@ -486,7 +486,7 @@ class Bench:
         argv = [str(Path(sys.executable).parent / "omnistitch"), "worker", "-l", "info"]
         return spawn(f"worker-{index}", argv, self.tmp / f"{app_id}-{index}.log", env), port
 
-    def workers(self, count: int, keep: bool) -> tuple[dict[str, Any], list[Spawned]]:
+    def workers(self, count: int, keep: bool) -> tuple[dict[str, Any], list[tuple[Spawned, int]]]:
         """Throughput of `count` fresh workers over the preloaded events; `keep` leaves them running."""
         app_id = self.app_id(f"w{count}")
         counter = OutputCounter(self.bootstrap, [EVENTS_RESOLVED.name, DLQ.name])
@@ -536,12 +536,12 @@ class Bench:
             "counters_by_worker": counters,
             "processes": sampler.summary(window_start, end),
         }
-        return result, [s for s, _ in started]
+        return result, started
 
     # --- latency ----------------------------------------------------------------------------------------
 
     def latency(
-        self, workers: list[Spawned], producers: dict[str, ChannelProducer], live: list[LiveEvent]
+        self, workers: list[tuple[Spawned, int]], producers: dict[str, ChannelProducer], live: list[LiveEvent]
     ) -> dict[str, Any]:
         """Send `live` at a steady rate to the warm workers, stamping each event's occurred_at at send time.
 
@@ -553,7 +553,8 @@ class Bench:
         live_from_ms = int(time.time() * 1000)
         watcher = LatencyWatcher(self.bootstrap, sent, live_from_ms)
         watcher.start()
-        sampler = Sampler(self.pids(**{worker.name: worker for worker in workers}))
+        sampler = Sampler(self.pids(**{worker.name: worker for worker, _ in workers}))
+        counters_before = {worker.name: _counters(port) for worker, port in workers}
         sampler.start()
         began = time.monotonic()
         wall_began = time.time()
@@ -566,11 +567,12 @@ class Bench:
                 occurred = datetime.fromtimestamp(now_ms / 1000, UTC).isoformat(timespec="milliseconds")
                 sent.setdefault(event.event_id, []).append(now_ms)
                 producers[event.source].send_validated(event.head + occurred.encode() + event.tail, event.key)
-                for worker in workers:
+                for worker, _ in workers:
                     if not worker.alive():
                         raise RunFailed(f"latency {worker.name} exited:\n{worker.tail()}")
             send_seconds = time.monotonic() - began
             wall_sent = time.time()
+            counters_sent = {worker.name: _counters(port) for worker, port in workers}
             backlog = len(live) - len(watcher.resolved_ms)
             for producer in producers.values():
                 producer.flush(60)
@@ -591,12 +593,13 @@ class Bench:
             "resolved_in_worker_ms": percentiles(watcher.in_worker_ms),
             "profiles_ms": percentiles(watcher.profile_ms),
             "processes": sampler.summary(wall_began, wall_sent),
+            "transactions": _transactions(counters_before, counters_sent, send_seconds),
         }
 
     def latency_after(
         self,
         run: dict[str, Any],
-        warm: list[Spawned],
+        warm: list[tuple[Spawned, int]],
         producers: dict[str, ChannelProducer],
         population: Population,
     ) -> dict[str, Any]:
@@ -616,7 +619,7 @@ class Bench:
         except RunFailed as exc:
             return {"error": str(exc)}
         finally:
-            for worker in warm:
+            for worker, _ in warm:
                 worker.stop()
 
 
@@ -629,7 +632,7 @@ def _free_port() -> int:
 
 
 def _counters(port: int) -> dict[str, float]:
-    """The worker's `omnistitch_*_total` counters summed over labels ({} until its web server answers)."""
+    """A worker's `omnistitch_*` counters, histogram counts and sums, over all labels ({} until it runs)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
             text = response.read().decode()
@@ -638,9 +641,29 @@ def _counters(port: int) -> dict[str, float]:
     totals: dict[str, float] = {}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name.startswith("omnistitch_") and name.endswith("_total"):
+        if name.startswith("omnistitch_") and name.endswith(("_total", "_count", "_sum")):
             totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
+
+
+def _transactions(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], seconds: float
+) -> dict[str, dict[str, float]]:
+    """Per worker: partition transactions per second and input records per transaction over a window."""
+    out: dict[str, dict[str, float]] = {}
+    for name, end in after.items():
+        start = before.get(name, {})
+        count = end.get("omnistitch_batch_records_count", 0.0) - start.get(
+            "omnistitch_batch_records_count", 0.0
+        )
+        records = end.get("omnistitch_batch_records_sum", 0.0) - start.get(
+            "omnistitch_batch_records_sum", 0.0
+        )
+        out[name] = {
+            "per_s": round(count / seconds, 1) if seconds > 0 else 0.0,
+            "records_each": round(records / count, 1) if count else 0.0,
+        }
+    return out
 
 
 def _result_line(log: Path) -> dict[str, Any] | None:
@@ -755,6 +778,11 @@ def report(result: dict[str, Any]) -> None:
             else:
                 print(f"{label:46} {0:>8}")
         print(f"{'CPU / RSS while sending':46} {_processes_line(lat['processes'])}")
+        txns = "  ".join(
+            f"{name} {t['per_s']:,.0f}/s x {t['records_each']:,.1f} records"
+            for name, t in lat["transactions"].items()
+        )
+        print(f"{'partition transactions while sending':46} {txns}")
     elif lat:
         print(f"\n== latency: {lat['error'].splitlines()[0]}")
     r = result["ratios"]

@@ -12,6 +12,7 @@ per-record path, which the tables need.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection
 from typing import Any, TypeAlias, cast
 
@@ -30,12 +31,14 @@ class Inbox:
     """Fetched input records not yet stitched, in fetch order; the fetch waits while `limit` are waiting.
 
     The stitcher takes everything that arrived while its previous batch ran, so batches grow with the load
-    (fewer transactions per event) and shrink to one fetch when the load is light (no waiting for a size).
+    (fewer transactions per event). Under light load a batch still waits until its oldest record is `linger`
+    seconds old: every batch costs a transaction per partition, in the worker and in the broker.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._records: list[Record] = []
+        self._oldest_since = 0.0  # monotonic time the oldest waiting record arrived (or earlier)
         self._arrived = asyncio.Event()
         self._taken = asyncio.Event()
 
@@ -46,15 +49,21 @@ class Inbox:
         while len(self._records) >= self._limit:
             self._taken.clear()
             await self._taken.wait()
+        if not self._records:
+            self._oldest_since = time.monotonic()
         self._records.extend(records)
         self._arrived.set()
 
-    async def take(self, most: int) -> list[Record]:
-        """The oldest `most` records, waiting for one if there are none."""
+    async def take(self, most: int, linger: float) -> list[Record]:
+        """The oldest `most` records once the oldest has waited `linger` seconds or `most` are waiting."""
         while not self._records:
             self._arrived.clear()
             await self._arrived.wait()
+        wait = self._oldest_since + linger - time.monotonic()
+        if wait > 0 and len(self._records) < most:
+            await asyncio.sleep(wait)
         taken, self._records = self._records[:most], self._records[most:]
+        self._oldest_since = float("-inf")  # any records left have waited at least as long: not again
         self._taken.set()
         return taken
 

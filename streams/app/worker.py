@@ -68,7 +68,8 @@ __all__ = ["TABLES", "create_app"]
 log = logging.getLogger(__name__)
 
 # Most records per batch (one transaction per partition per batch); a batch is whatever was fetched while
-# the previous one ran, so it never waits to fill up. The fetch pauses while two batches' worth wait.
+# the previous one ran, or after `batch_linger_ms` when the load is light. The fetch pauses while two batches'
+# worth wait.
 BATCH_SIZE = 4000
 # Hot rows per partition (two generations): most events touch profiles seen moments ago.
 CACHE_ROWS_PER_PARTITION = 20_000
@@ -165,6 +166,7 @@ def create_app(
     raw_names = [raw_topic(source) for source in settings.sources]
     internal = internal_topic(settings)
     inbox = Inbox(limit=2 * BATCH_SIZE)
+    linger = settings.batch_linger_ms / 1000
 
     def adapt_consumer(consumer: ConsumerT) -> None:
         txns.install(consumer)
@@ -210,17 +212,28 @@ def create_app(
         return state
 
     async def stitch() -> None:
-        """Stitch what was fetched, a batch at a time, each batch split by partition number p."""
+        """Stitch what was fetched, a batch at a time, each batch split by partition number p.
+
+        No batch starts while faust's flow control is suspended: from a revocation until the new assignment's
+        tables are recovered. A batch started then would commit through a producer the new owner is about
+        to fence. Records wait in the inbox meanwhile, never dropped: the positions skip what was committed.
+        """
+        flow = app.flow_control
         while True:
-            records = await inbox.take(BATCH_SIZE)
-            async with txns.lock:
-                if txns.closing:
-                    return
-                try:
-                    await _process(records)
-                except Exception as exc:  # a bug (bad input goes to the DLQ): restart from committed state
-                    log.exception("batch failed")
-                    fatal(f"batch failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
+            records = await inbox.take(BATCH_SIZE, linger)
+            while True:
+                await flow.acquire()
+                async with txns.lock:
+                    if txns.closing:
+                        return
+                    if not flow.is_active():  # suspended while we waited for the lock
+                        continue
+                    try:
+                        await _process(records)
+                    except Exception as exc:  # a bug, not input (that goes to the DLQ)
+                        log.exception("batch failed")
+                        fatal(f"batch failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
+                    break
 
     app.task(stitch)
 
