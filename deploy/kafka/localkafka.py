@@ -112,6 +112,18 @@ def _metadata_ok(bootstrap: str, timeout: float) -> bool:
     return True
 
 
+def _cluster_id() -> str:
+    """A random KRaft cluster id that does not start with '-'.
+
+    The storage tool's argument parser takes such an id (1 in 64) for an option and fails; Kafka's own
+    `Uuid.randomUuid` skips them likewise.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def up(state: Path, port: int | None, heap: str, timeout: float) -> str:
     """Start a broker in `state` (or report the running one) and return its bootstrap address."""
     state.mkdir(parents=True, exist_ok=True)
@@ -134,7 +146,7 @@ def up(state: Path, port: int | None, heap: str, timeout: float) -> str:
     config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     (state / "log4j.properties").write_text(LOG4J.format(log=state / "server.log"))
     java = ["java", f"-Dlog4j.configuration=file:{state / 'log4j.properties'}", "-cp", classpath]
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = _cluster_id()
     subprocess.run(
         [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
         check=True,
