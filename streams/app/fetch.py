@@ -12,8 +12,9 @@ per-record path, which the tables need.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, TypeAlias, cast
 
 from aiokafka.structs import ConsumerRecord
@@ -23,6 +24,8 @@ __all__ = ["Inbox", "install_bulk_fetch"]
 
 # Seconds one fetch waits for records when there are none (faust's own value).
 FETCH_TIMEOUT = 1.0
+# How often a fetch waiting for room in the inbox checks whether a rebalance lets it overflow.
+OVERFLOW_CHECK_SECONDS = 0.1
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -33,10 +36,15 @@ class Inbox:
     The stitcher takes everything that arrived while its previous batch ran, so batches grow with the load
     (fewer transactions per event). Under light load a batch still waits until its oldest record is `linger`
     seconds old: every batch costs a transaction per partition, in the worker and in the broker.
+
+    The fetch must not wait while `may_overflow()` holds: during a rebalance and table recovery the stitcher
+    takes nothing, and recovery needs the same fetch loop to deliver the changelogs. Faust pauses the input
+    partitions meanwhile, so at most the fetches already in flight pile up.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, may_overflow: Callable[[], bool]) -> None:
         self._limit = limit
+        self._may_overflow = may_overflow
         self._records: list[Record] = []
         self._oldest_since = 0.0  # monotonic time the oldest waiting record arrived (or earlier)
         self._arrived = asyncio.Event()
@@ -46,9 +54,10 @@ class Inbox:
         return len(self._records)
 
     async def put(self, records: list[Record]) -> None:
-        while len(self._records) >= self._limit:
+        while len(self._records) >= self._limit and not self._may_overflow():
             self._taken.clear()
-            await self._taken.wait()
+            with contextlib.suppress(TimeoutError):  # look at `may_overflow` again now and then
+                await asyncio.wait_for(self._taken.wait(), OVERFLOW_CHECK_SECONDS)
         if not self._records:
             self._oldest_since = time.monotonic()
         self._records.extend(records)

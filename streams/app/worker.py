@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 # the previous one ran, or after `batch_linger_ms` when the load is light. The fetch pauses while two batches'
 # worth wait.
 BATCH_SIZE = 4000
+# How often a batch waiting for table recovery to end looks again.
+RECOVERY_POLL_SECONDS = 0.05
 # Hot rows per partition (two generations): most events touch profiles seen moments ago.
 CACHE_ROWS_PER_PARTITION = 20_000
 TABLES: tuple[TableName, ...] = ("ids", "profiles")
@@ -165,7 +167,7 @@ def create_app(
     n = settings.partitions
     raw_names = [raw_topic(source) for source in settings.sources]
     internal = internal_topic(settings)
-    inbox = Inbox(limit=2 * BATCH_SIZE)
+    inbox = Inbox(limit=2 * BATCH_SIZE, may_overflow=lambda: not stitching_allowed())
     linger = settings.batch_linger_ms / 1000
 
     def adapt_consumer(consumer: ConsumerT) -> None:
@@ -211,22 +213,32 @@ def create_app(
             )
         return state
 
+    def stitching_allowed() -> bool:
+        """Not from a revocation (flow control suspended) until the assigned partitions' tables are recovered.
+
+        A batch begun after a revocation would commit through a producer the new owner is about to fence, and
+        one during recovery would read and write rows that recovery is still overwriting from the changelog.
+        faust resumes flow control *before* it restores tables, hence both conditions.
+        """
+        return app.flow_control.is_active() and not app.in_recovery
+
     async def stitch() -> None:
         """Stitch what was fetched, a batch at a time, each batch split by partition number p.
 
-        No batch starts while faust's flow control is suspended: from a revocation until the new assignment's
-        tables are recovered. A batch started then would commit through a producer the new owner is about
-        to fence. Records wait in the inbox meanwhile, never dropped: the positions skip what was committed.
+        Records wait in the inbox while stitching is not allowed (`stitching_allowed`), never dropped: after a
+        rebalance the positions skip whatever the new owner committed.
         """
-        flow = app.flow_control
         while True:
             records = await inbox.take(BATCH_SIZE, linger)
             while True:
-                await flow.acquire()
+                await app.flow_control.acquire()
+                if not stitching_allowed():
+                    await asyncio.sleep(RECOVERY_POLL_SECONDS)
+                    continue
                 async with txns.lock:
                     if txns.closing:
                         return
-                    if not flow.is_active():  # suspended while we waited for the lock
+                    if not stitching_allowed():  # a rebalance began while we waited for the lock
                         continue
                     try:
                         await _process(records)
