@@ -40,12 +40,19 @@ class Inbox:
     The fetch must not wait while `may_overflow()` holds: during a rebalance and table recovery the stitcher
     takes nothing, and recovery needs the same fetch loop to deliver the changelogs. Faust pauses the input
     partitions meanwhile, so at most the fetches already in flight pile up.
+
+    Records carry the consumer generation they were fetched in. Records of an older generation are dropped
+    as soon as newer ones arrive: after a rebalance faust seeks every assigned partition back to its committed
+    offset, so the new generation reads them again, in order. Kept, a record fetched before the rebalance
+    could run ahead of the records between the committed offset and itself, and those would then be skipped
+    as already processed: lost.
     """
 
     def __init__(self, limit: int, may_overflow: Callable[[], bool]) -> None:
         self._limit = limit
         self._may_overflow = may_overflow
         self._records: list[Record] = []
+        self._generation = -1  # consumer generation the records were fetched in
         self._oldest_since = 0.0  # monotonic time the oldest waiting record arrived (or earlier)
         self._arrived = asyncio.Event()
         self._taken = asyncio.Event()
@@ -53,7 +60,12 @@ class Inbox:
     def __len__(self) -> int:
         return len(self._records)
 
-    async def put(self, records: list[Record]) -> None:
+    async def put(self, records: list[Record], generation: int) -> None:
+        """Add one fetch's records; `generation`: the consumer generation the fetch was made in."""
+        if generation < self._generation:
+            return
+        if generation > self._generation:
+            self._records, self._generation = [], generation
         while len(self._records) >= self._limit and not self._may_overflow():
             self._taken.clear()
             with contextlib.suppress(TimeoutError):  # look at `may_overflow` again now and then
@@ -63,8 +75,9 @@ class Inbox:
         self._records.extend(records)
         self._arrived.set()
 
-    async def take(self, most: int, linger: float) -> list[Record]:
-        """The oldest `most` records once the oldest has waited `linger` seconds or `most` are waiting."""
+    async def take(self, most: int, linger: float) -> tuple[list[Record], int]:
+        """The oldest `most` records once the oldest has waited `linger` seconds or `most` are waiting, and
+        the consumer generation they were fetched in."""
         while not self._records:
             self._arrived.clear()
             await self._arrived.wait()
@@ -74,7 +87,7 @@ class Inbox:
         taken, self._records = self._records[:most], self._records[most:]
         self._oldest_since = float("-inf")  # any records left have waited at least as long: not again
         self._taken.set()
-        return taken
+        return taken, self._generation
 
 
 def install_bulk_fetch(consumer: ConsumerT, inputs: Collection[str], inbox: Inbox) -> None:
@@ -83,6 +96,7 @@ def install_bulk_fetch(consumer: ConsumerT, inputs: Collection[str], inbox: Inbo
     Must run before faust starts fetching: `_new_consumer` of the worker's app calls it.
     """
     faust_consumer = cast(Any, consumer)
+    app = faust_consumer.app
     input_topics = frozenset(inputs)
 
     async def drain_messages(fetcher: Any) -> None:
@@ -93,9 +107,12 @@ def install_bulk_fetch(consumer: ConsumerT, inputs: Collection[str], inbox: Inbo
         consumer_stopped = faust_consumer._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
         while not (consumer_stopped() or fetcher_stopped()):
+            generation = app.consumer_generation_id
             records, active = await faust_consumer._wait_next_records(FETCH_TIMEOUT)
             if not records or faust_consumer.should_stop or not faust_consumer.flow_active:
                 continue
+            if app.consumer_generation_id != generation:
+                continue  # fetched before a rebalance, like faust's `getmany`: read again after its seek
             fetched: list[Record] = []
             for tp, tp_records in records.items():
                 if active is not None and tp not in active and tp not in buffered:
@@ -115,6 +132,6 @@ def install_bulk_fetch(consumer: ConsumerT, inputs: Collection[str], inbox: Inbo
                         callback(to_message(tp, record)), faust_consumer.suspend_flow.wait()
                     )
             if fetched:
-                await inbox.put(fetched)
+                await inbox.put(fetched, generation)
 
     faust_consumer._drain_messages = drain_messages

@@ -225,11 +225,11 @@ def create_app(
     async def stitch() -> None:
         """Stitch what was fetched, a batch at a time, each batch split by partition number p.
 
-        Records wait in the inbox while stitching is not allowed (`stitching_allowed`), never dropped: after a
-        rebalance the positions skip whatever the new owner committed.
+        Records wait in the inbox while stitching is not allowed (`stitching_allowed`). Those fetched before
+        the latest rebalance are dropped: its seek to the committed offsets reads them again (`fetch.Inbox`).
         """
         while True:
-            records = await inbox.take(BATCH_SIZE, linger)
+            records, generation = await inbox.take(BATCH_SIZE, linger)
             while True:
                 await app.flow_control.acquire()
                 if not stitching_allowed():
@@ -240,6 +240,8 @@ def create_app(
                         return
                     if not stitching_allowed():  # a rebalance began while we waited for the lock
                         continue
+                    if generation != app.consumer_generation_id:
+                        break  # fetched before the latest rebalance: its seek reads them again (fetch.Inbox)
                     try:
                         await _process(records)
                     except Exception as exc:  # a bug, not input (that goes to the DLQ)
