@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from streams.runtime import tune_gc
-
 __all__ = ["app", "main"]
 
 app = typer.Typer(
@@ -81,7 +79,6 @@ app.command("watch")(watch_command)
 
 def main() -> None:
     """Console-script entry point."""
-    tune_gc()
     app()
 
 

@@ -37,7 +37,6 @@ from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.types import ConsumerT
 
 __all__ = [
     "CLEAN_STOP_MARKER",
@@ -71,6 +70,7 @@ class PartitionTransactions:
         self._dirty = False
         self._marker: Path | None = None
         self._closing = False
+        self._installed_on: object | None = None
 
     @property
     def closing(self) -> bool:
@@ -95,8 +95,12 @@ class PartitionTransactions:
         """Every row written so far is committed."""
         self._dirty = False
 
-    def install(self, consumer: ConsumerT) -> None:
-        """Disable faust's commits on `consumer` and fence its rebalance steps off from batches."""
+    def install(self) -> None:
+        """Disable faust's commits and fence its rebalance steps off from batches (idempotent)."""
+        consumer = self._app.consumer
+        if self._installed_on is consumer:
+            return
+        self._installed_on = consumer
 
         async def commit_nothing(*args: Any, **kwargs: Any) -> bool:
             return False  # offsets are committed inside our transactions only
@@ -170,24 +174,16 @@ class PartitionTransactions:
 
 
 def fix_recovery_highwaters() -> None:
-    """Make faust's table recovery read changelog ends from the broker, short of the last marker.
+    """Make faust's table recovery read changelog ends from the broker (idempotent, process-wide).
 
-    Process-wide and idempotent. faust 0.15.3 under exactly-once takes the ends from
-    `AIOKafkaConsumer.last_stable_offset`, a value cached from fetch responses: -1 for a partition just
-    assigned, so recovery believed every changelog empty, restored nothing after a restart or a rebalance, and
-    (with a persisted offset) raised ConsistencyError. aiokafka's `end_offsets` sends ListOffsets with the
-    consumer's isolation level, i.e. returns the last stable offset.
-
-    Recovery then waits until it has read the record just below that offset. Our changelogs are written only
-    inside transactions, so that offset holds a commit (or abort) marker, which a `read_committed` consumer
-    never receives: faust gave up waiting only after two 5 s timeouts, on every rebalance and restart. The
-    end we report skips that marker. Where the last transaction was aborted, the record below is aborted too
-    and faust's timeout path still ends the recovery, as before.
+    faust 0.15.3 under exactly-once takes them from `AIOKafkaConsumer.last_stable_offset`, a value cached from
+    fetch responses: -1 for a partition just assigned, so recovery believed every changelog empty, restored
+    nothing after a restart or a rebalance, and (with a persisted offset) raised ConsistencyError. aiokafka's
+    `end_offsets` sends ListOffsets with the consumer's isolation level, i.e. returns the last stable offset.
     """
 
     async def broker_highwaters(self: Any, partitions: list[Any]) -> Mapping[Any, int]:
-        ends = cast(Mapping[Any, int], await self._ensure_consumer().end_offsets(partitions))
-        return {tp: end - 1 if end > 0 else end for tp, end in ends.items()}
+        return cast(Mapping[Any, int], await self._ensure_consumer().end_offsets(partitions))
 
     AIOKafkaConsumerThread._highwaters = broker_highwaters  # type: ignore[method-assign]
 
