@@ -261,10 +261,17 @@ def create_app(
         assigned = app.consumer.assignment()
         by_partition: dict[int, list[faust.EventT[bytes]]] = defaultdict(list)
         taken: dict[tuple[str, int], int] = {}
+        generation = app.consumer_generation_id
         for event in batch:
             message = event.message
             tp = (message.topic, message.partition)
             if message.tp not in assigned:
+                continue
+            if message.generation_id != generation:
+                # fetched before the latest rebalance: faust cleared its stream buffers at the revocation, so
+                # the records between this one and the last we saw may be gone; its seek to the committed
+                # offsets delivers them all again, in order (docs/faust-notes.md §10)
+                metrics.REDELIVERED_TOTAL.inc()
                 continue
             if not txns.accepts(*tp, message.offset) or message.offset < taken.get(tp, 0):
                 metrics.REDELIVERED_TOTAL.inc()
