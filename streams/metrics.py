@@ -62,7 +62,7 @@ PROTOCOL_DROPPED_TOTAL = Counter(
 )
 REDELIVERED_TOTAL = Counter(
     "omnistitch_redelivered_total",
-    "Input records skipped because they were already processed (faust re-sends around rebalances).",
+    "Input records skipped as already processed, or fetched before the latest rebalance (read again after).",
     registry=REGISTRY,
 )
 # One batch = one partition's records of one take(): sizes from a trickle to the 2,000-record cap.
