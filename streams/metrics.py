@@ -14,6 +14,7 @@ __all__ = [
     "EVENTS_IN_TOTAL",
     "EVENTS_RESOLVED_TOTAL",
     "EVENT_LAG_SECONDS",
+    "HELD_TOTAL",
     "IDENTIFIERS_DROPPED_TOTAL",
     "MERGES_REFUSED_TOTAL",
     "MERGES_TOTAL",
@@ -63,6 +64,12 @@ PROTOCOL_DROPPED_TOTAL = Counter(
 REDELIVERED_TOTAL = Counter(
     "omnistitch_redelivered_total",
     "Input records skipped as already processed, or fetched before the latest rebalance (read again after).",
+    registry=REGISTRY,
+)
+HELD_TOTAL = Counter(
+    "omnistitch_held_total",
+    "Input records held back because records before them may have been lost between fetch and stream; "
+    "the partition is read again from its position.",
     registry=REGISTRY,
 )
 # One batch = one partition's records of one take(): sizes from a trickle to the 2,000-record cap.

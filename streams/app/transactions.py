@@ -10,10 +10,12 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
    same transaction as every record the batch produced (outputs, envelopes, DLQ, table changelogs);
 2. a batch holds `lock` from its first read to its commit, and faust's rebalance steps that stop and start
    transactional producers wait for it, so producers never change under a batch;
-3. we track each input partition's position ourselves: read from the group's committed offsets right after
-   a rebalance has fenced the previous owners, advanced by each commit. A record below it is a redelivery
-   (faust re-seeks and re-sends around rebalances) and is skipped; so is a record of a partition we no longer
-   own. Nothing else is skipped, so nothing is lost: whatever we do not commit is read again;
+3. we track each input partition's position ourselves (`InputPositions`): read from the group's committed
+   offsets right after a rebalance has fenced the previous owners, advanced by each record taken. A record
+   below it is a redelivery (faust re-seeks and re-sends around rebalances) and is skipped; so is a record of
+   a partition we no longer own. A record *ahead* of a position not yet confirmed waits until a re-read from
+   the position shows nothing lies between: faust can lose records around a rebalance, so a batch never
+   takes a record it cannot prove follows the last one taken (docs/faust-notes.md §11);
 4. any transaction error is fatal: the process exits at once, without marking a clean stop, so the next
    start rebuilds local tables from the committed changelogs (`wipe_tables_after_unclean_stop`);
 5. table recovery asks the broker where each changelog ends (`read_committed`), instead of faust's cached
@@ -24,6 +26,7 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import shutil
@@ -37,10 +40,14 @@ from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.types import TP, ConsumerT
 
 __all__ = [
     "CLEAN_STOP_MARKER",
+    "Admission",
+    "InputPositions",
     "PartitionTransactions",
+    "deliver_every_fetched_record",
     "fix_recovery_highwaters",
     "mark_clean_stop",
     "wipe_tables_after_unclean_stop",
@@ -53,6 +60,72 @@ CLEAN_STOP_MARKER = "clean-stop"
 FATAL_EXIT_STATUS = 70
 
 
+TopicPartitionKey = tuple[str, int]
+
+
+class Admission(enum.Enum):
+    """What a batch does with a fetched input record."""
+
+    TAKE = "take"
+    REDELIVERED = "redelivered"  # below the position: taken (and committed) before
+    HELD = "held"  # ahead of an unconfirmed position: waits for the re-read from the position
+
+
+class InputPositions:
+    """The next offset to take per input partition, and proof that nothing before a taken record was skipped.
+
+    Right after a rebalance a partition's position (its committed offset) is unconfirmed: faust may have lost
+    records between its fetch and the stream (docs/faust-notes.md §11), so the first record seen may lie past
+    some never delivered. Only a record *at* the position confirms it. A record further ahead is held, and
+    the partition is re-read from the position (`take_seeks`); once a record at most as far as the held one
+    comes back, the offsets between were transaction markers or aborted records, never data. On `gapless`
+    topics (raw inputs written without transactions, so consecutive offsets) every jump is checked that way.
+    """
+
+    def __init__(self, gapless: Callable[[str], bool]) -> None:
+        self._gapless = gapless
+        self._next: dict[TopicPartitionKey, int] = {}
+        self._unconfirmed: set[TopicPartitionKey] = set()
+        # partition → offset of the first record held; records up to it can only come from the re-read
+        self._held_from: dict[TopicPartitionKey, int] = {}
+        self._seeks: dict[TopicPartitionKey, int] = {}
+
+    def reset(
+        self, committed: Mapping[TopicPartitionKey, int], assigned: Iterable[TopicPartitionKey]
+    ) -> None:
+        """After a rebalance: each assigned partition restarts, unconfirmed, at its committed offset or 0."""
+        assigned = list(assigned)
+        self._next = {tp: committed.get(tp, 0) for tp in assigned}
+        self._unconfirmed = set(assigned)
+        self._held_from.clear()
+        self._seeks.clear()
+
+    def admit(self, topic: str, partition: int, offset: int) -> Admission:
+        """Whether a batch takes the record at `offset`; taking it moves the position past it."""
+        tp = (topic, partition)
+        expected = self._next.get(tp, 0)
+        if offset < expected:
+            return Admission.REDELIVERED
+        if offset > expected and (tp in self._unconfirmed or self._gapless(topic)):
+            held_from = self._held_from.get(tp)
+            if held_from is None:
+                self._held_from[tp] = offset
+                self._seeks[tp] = expected
+                return Admission.HELD
+            if offset > held_from:
+                return Admission.HELD  # fetched before the re-read began
+        self._unconfirmed.discard(tp)
+        self._held_from.pop(tp, None)
+        self._seeks.pop(tp, None)
+        self._next[tp] = offset + 1
+        return Admission.TAKE
+
+    def take_seeks(self) -> dict[TopicPartitionKey, int]:
+        """Partitions to re-read, and from where (each asked for once)."""
+        seeks, self._seeks = self._seeks, {}
+        return seeks
+
+
 class PartitionTransactions:
     """Commits a batch's records and input offsets of one partition atomically, with faust's producers."""
 
@@ -61,8 +134,7 @@ class PartitionTransactions:
     ) -> None:
         self._app = app
         self._bootstrap = bootstrap
-        # (topic, partition) → next offset to process, for the partitions assigned to us
-        self.positions: dict[tuple[str, int], int] = {}
+        self.positions = InputPositions(gapless=lambda topic: topic != input_topic)
         self._input_topic = input_topic
         self._on_rebalance = on_rebalance
         self.lock = asyncio.Lock()
@@ -120,10 +192,8 @@ class PartitionTransactions:
                 if refresh_positions:
                     # `on_rebalance(assigned, revoked, newly_assigned)` has started (and so fenced) the
                     # producers of every assigned partition: their committed offsets are final now
-                    assigned = args[0]
-                    self.positions = await asyncio.to_thread(
-                        self._committed, [(tp.topic, tp.partition) for tp in assigned]
-                    )
+                    assigned = [(tp.topic, tp.partition) for tp in args[0]]
+                    self.positions.reset(await asyncio.to_thread(self._committed, assigned), assigned)
                 return result
 
         return guarded
@@ -137,9 +207,15 @@ class PartitionTransactions:
             reader.close()
         return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
 
-    def accepts(self, topic: str, partition: int, offset: int) -> bool:
-        """Whether the record at `offset` is new to us (not below the partition's position)."""
-        return offset >= self.positions.get((topic, partition), 0)
+    async def reread_held(self) -> None:
+        """Seek the partitions whose records are held back to their positions (`InputPositions`)."""
+        consumer = self._app.consumer
+        for (topic, partition), offset in self.positions.take_seeks().items():
+            log.info("records of %s[%d] held: reading it again from offset %d", topic, partition, offset)
+            try:
+                await consumer.seek(TP(topic, partition), offset)
+            except Exception as exc:  # revoked meanwhile: the rebalance resets the positions anyway
+                log.warning("could not re-read %s[%d] from %d: %r", topic, partition, offset, exc)
 
     def transactional_id(self, partition: int) -> str:
         """faust's id for the producer of `partition` of our topic group (the one its rebalance fences)."""
@@ -166,11 +242,37 @@ class PartitionTransactions:
             )
             await producer.commit_transaction()
             await producer.begin_transaction()
-            self.positions.update(offsets)
         except asyncio.CancelledError:
             raise  # stopping mid-batch: the open transaction is aborted by the next owner, no clean marker
         except BaseException as exc:  # every failure here is fatal by design
             fatal(f"transaction failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
+
+
+class _UnfilteredReadOffsets(dict[Any, "int | None"]):
+    """faust's read offsets (a `defaultdict(lambda: None)`), reporting none for `topics` to its fetch loop."""
+
+    def __init__(self, topics: Iterable[str]) -> None:
+        super().__init__()
+        self._topics = frozenset(topics)
+
+    def __missing__(self, tp: Any) -> None:
+        return None
+
+    def __getitem__(self, tp: Any) -> int | None:
+        return None if tp.topic in self._topics else super().__getitem__(tp)
+
+
+def deliver_every_fetched_record(consumer: ConsumerT, topics: Iterable[str]) -> None:
+    """Stop faust's fetch loop from dropping records of `topics` at or below a stale read offset.
+
+    The loop drops every fetched record below the last offset it handed on. At a revocation it records the
+    offset of the record it was delivering even when the delivery was cancelled, *after* the revocation
+    cleared the partition's entry; the stale offset outlives the rebalance, and the records the new
+    generation fetches from the committed offset below it are silently dropped (the scale tests lost events
+    this way, docs/faust-notes.md §11). `InputPositions` skips redeliveries itself. Must run before the fetch
+    loop starts, which binds the mapping's `__getitem__` once.
+    """
+    cast(Any, consumer)._read_offset = _UnfilteredReadOffsets(topics)
 
 
 def fix_recovery_highwaters() -> None:

@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
-from faust.types import TableT
+from faust.types import ConsumerT, TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
@@ -48,7 +48,9 @@ from streams.app.protocol import (
 )
 from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
+    Admission,
     PartitionTransactions,
+    deliver_every_fetched_record,
     fatal,
     fix_recovery_highwaters,
     wipe_tables_after_unclean_stop,
@@ -169,6 +171,19 @@ def _key_partition(key: bytes, partitions: int) -> int:
     return murmur2_partition(key, partitions)
 
 
+class _StitchApp(faust.App):
+    """A faust app that adapts its Kafka consumer the moment it is created, before any fetch or rebalance."""
+
+    def __init__(self, *args: Any, on_consumer: Callable[[ConsumerT], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_consumer = on_consumer
+
+    def _new_consumer(self) -> ConsumerT:
+        consumer = super()._new_consumer()
+        self._on_consumer(consumer)
+        return consumer
+
+
 def create_app(
     settings: AppSettings, normalization: NormalizationSettings | None = None, rules: Rules | None = None
 ) -> faust.App:
@@ -176,8 +191,11 @@ def create_app(
     validator = Validator(normalization or NormalizationSettings.from_env())
     rules = rules if rules is not None else load_rules(settings.rules_file)
     n = settings.partitions
-    app = faust.App(
+    raw_names = [raw_topic(source) for source in settings.sources]
+    internal = internal_topic(settings)
+    app = _StitchApp(
         settings.app_id,
+        on_consumer=lambda consumer: deliver_every_fetched_record(consumer, [*raw_names, internal]),
         broker=f"kafka://{settings.bootstrap}",
         store="rocksdb://",
         datadir=str(settings.data_dir),
@@ -197,8 +215,6 @@ def create_app(
     )
     wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
     fix_recovery_highwaters()
-    raw_names = [raw_topic(source) for source in settings.sources]
-    internal = internal_topic(settings)
     inputs = app.topic(*raw_names, internal, key_type=bytes, value_type=bytes)
     tables: dict[TableName, TableT[bytes, bytes]] = {
         name: app.Table(name, partitions=n, key_type=bytes, value_type=bytes) for name in TABLES
@@ -260,7 +276,7 @@ def create_app(
         # skipped (its new owner reads it from the offsets committed with p), and so is a redelivery
         assigned = app.consumer.assignment()
         by_partition: dict[int, list[faust.EventT[bytes]]] = defaultdict(list)
-        taken: dict[tuple[str, int], int] = {}
+        positions = txns.positions
         generation = app.consumer_generation_id
         for event in batch:
             message = event.message
@@ -269,15 +285,18 @@ def create_app(
                 continue
             if message.generation_id != generation:
                 # fetched before the latest rebalance: faust cleared its stream buffers at the revocation, so
-                # the records between this one and the last we saw may be gone; its seek to the committed
-                # offsets delivers them all again, in order (docs/faust-notes.md §10)
+                # the records between this one and the last we saw may be gone; the positions read after the
+                # rebalance take them again, in order (docs/faust-notes.md §11)
                 metrics.REDELIVERED_TOTAL.inc()
                 continue
-            if not txns.accepts(*tp, message.offset) or message.offset < taken.get(tp, 0):
+            admission = positions.admit(*tp, message.offset)
+            if admission is Admission.TAKE:
+                by_partition[message.partition].append(event)
+            elif admission is Admission.REDELIVERED:
                 metrics.REDELIVERED_TOTAL.inc()
-                continue
-            taken[tp] = message.offset + 1
-            by_partition[message.partition].append(event)
+            else:
+                metrics.HELD_TOTAL.inc()
+        await txns.reread_held()
         work: list[_Batch] = []
         txns.begin_batch()
         began = time.perf_counter()
