@@ -15,7 +15,6 @@ memory / speed trade-off, see BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import resource
@@ -35,6 +34,7 @@ import itertools
 
 from streams.core import IdentityGraph, RocksStore, Rules
 from streams.events import Identifier, NormalizedEvent
+from streams.runtime import tune_gc
 
 CHUNK = 10_000
 T0 = 1_767_225_600_000  # 2026-01-01
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         extra: dict[str, Any] = {k: v for k, v in sizes.items() if v is not None}
         graph = IdentityGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
         link = graph.link
-        gc.freeze()
+        tune_gc()  # as the CLI does: the figures are the replay's
         for chunk in events(args.events, args.per_person):
             n_events += len(chunk)
             n_links += sum(len(e.identifiers) for e in chunk)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from streams.runtime import tune_gc
+
 __all__ = ["app", "main"]
 
 app = typer.Typer(
@@ -79,6 +81,7 @@ app.command("watch")(watch_command)
 
 def main() -> None:
     """Console-script entry point."""
+    tune_gc()
     app()
 
 
