@@ -23,6 +23,7 @@ from typing import Annotated, Any, Protocol
 
 import orjson
 import typer
+from murmurhash2 import murmurhash2
 
 from schemas.envelope import DEFAULT_IDENTIFIER_TYPES
 from schemas.topics import RAW_TOPIC_BY_SOURCE
@@ -48,6 +49,7 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 # Strongest first: a customer id or a card outlives phones, e-mails, devices and cookies.
 KEY_PRIORITY: tuple[str, ...] = DEFAULT_IDENTIFIER_TYPES
 _RANK = {t: i for i, t in enumerate(KEY_PRIORITY)}
+_KAFKA_MURMUR2_SEED = 0x9747B28C
 _MAX_LISTED = 20  # invalid lines and delivery errors kept verbatim; the rest are only counted
 
 
@@ -63,27 +65,12 @@ def event_key(event: NormalizedEvent) -> bytes | None:
 
 
 def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (signed 32-bit), bit for bit as `org.apache.kafka.common.utils.Utils.murmur2`."""
-    length = len(data)
-    m, r = 0x5BD1E995, 24
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    for i in range(0, length - length % 4, 4):
-        k = data[i] | data[i + 1] << 8 | data[i + 2] << 16 | data[i + 3] << 24
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> r
-        k = (k * m) & 0xFFFFFFFF
-        h = ((h * m) & 0xFFFFFFFF) ^ k
-    rest, tail = length % 4, length - length % 4
-    if rest == 3:
-        h ^= data[tail + 2] << 16
-    if rest >= 2:
-        h ^= data[tail + 1] << 8
-    if rest >= 1:
-        h ^= data[tail]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 15
+    """Kafka's murmur2 (signed 32-bit), bit for bit as `org.apache.kafka.common.utils.Utils.murmur2`.
+
+    Native (the `murmurhash2` package): the worker hashes every identifier and profile id it routes, and the
+    pure-Python loop was 7 % of its CPU.
+    """
+    h = murmurhash2(data, _KAFKA_MURMUR2_SEED)
     return h - (1 << 32) if h & 0x80000000 else h
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import typing
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streams.app import protocol
 from streams.app.protocol import (
     Apply,
     Claim,
@@ -377,3 +379,7 @@ def test_f1_against_single_process_replay(tmp_path: Path) -> None:
         )
     assert f1["live"] >= 0.995
     assert f1["flood"] >= 0.95  # regression floor; the order of decisions differs most here
+
+
+def test_every_message_type_has_a_destination() -> None:
+    assert set(typing.get_args(Msg)) == set(protocol._DESTINATIONS)
