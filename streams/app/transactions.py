@@ -20,7 +20,8 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
    start rebuilds local tables from the committed changelogs (`wipe_tables_after_unclean_stop`);
 5. table recovery asks the broker where each changelog ends (`read_committed`), instead of faust's cached
    last-stable offset, which is -1 for a partition this consumer has not fetched yet: with exactly-once on,
-   faust restored *nothing* on every newly assigned partition (`fix_recovery_highwaters`).
+   faust restored *nothing* on every newly assigned partition (`fix_recovery_highwaters`); and it stops at the
+   last record, not at the trailing transaction marker it would wait 10 s for.
 """
 
 from __future__ import annotations
@@ -276,16 +277,24 @@ def deliver_every_fetched_record(consumer: ConsumerT, topics: Iterable[str]) -> 
 
 
 def fix_recovery_highwaters() -> None:
-    """Make faust's table recovery read changelog ends from the broker (idempotent, process-wide).
+    """Make faust's table recovery read changelog ends from the broker, short of the last marker.
 
-    faust 0.15.3 under exactly-once takes them from `AIOKafkaConsumer.last_stable_offset`, a value cached from
-    fetch responses: -1 for a partition just assigned, so recovery believed every changelog empty, restored
-    nothing after a restart or a rebalance, and (with a persisted offset) raised ConsistencyError. aiokafka's
-    `end_offsets` sends ListOffsets with the consumer's isolation level, i.e. returns the last stable offset.
+    Process-wide and idempotent. faust 0.15.3 under exactly-once takes the ends from
+    `AIOKafkaConsumer.last_stable_offset`, a value cached from fetch responses: -1 for a partition just
+    assigned, so recovery believed every changelog empty, restored nothing after a restart or a rebalance, and
+    (with a persisted offset) raised ConsistencyError. aiokafka's `end_offsets` sends ListOffsets with the
+    consumer's isolation level, i.e. returns the last stable offset.
+
+    Recovery then waits until it has read the record just below that offset. Our changelogs are written only
+    inside transactions, so that offset holds a commit (or abort) marker, which a `read_committed` consumer
+    never receives: faust gave up waiting only after two 5 s timeouts, on every rebalance and restart. The
+    end we report skips that marker. Where the last transaction was aborted, the record below is aborted too
+    and faust's timeout path still ends the recovery, as before.
     """
 
     async def broker_highwaters(self: Any, partitions: list[Any]) -> Mapping[Any, int]:
-        return cast(Mapping[Any, int], await self._ensure_consumer().end_offsets(partitions))
+        ends = cast(Mapping[Any, int], await self._ensure_consumer().end_offsets(partitions))
+        return {tp: end - 1 if end > 0 else end for tp, end in ends.items()}
 
     AIOKafkaConsumerThread._highwaters = broker_highwaters  # type: ignore[method-assign]
 
