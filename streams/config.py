@@ -28,6 +28,7 @@ class AppSettings:
     standby_replicas: int = 0
     replication_factor: int = 1
     rules_file: Path | None = None
+    batch_linger_ms: int = 20
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AppSettings:
@@ -45,4 +46,5 @@ class AppSettings:
             standby_replicas=int(env.get("OMNISTITCH_STANDBY_REPLICAS", defaults.standby_replicas)),
             replication_factor=int(env.get("OMNISTITCH_REPLICATION_FACTOR", defaults.replication_factor)),
             rules_file=Path(rules) if rules else None,
+            batch_linger_ms=int(env.get("OMNISTITCH_BATCH_LINGER_MS", defaults.batch_linger_ms)),
         )

@@ -48,7 +48,6 @@ __all__ = [
     "Admission",
     "InputPositions",
     "PartitionTransactions",
-    "deliver_every_fetched_record",
     "fix_recovery_highwaters",
     "mark_clean_stop",
     "wipe_tables_after_unclean_stop",
@@ -143,7 +142,6 @@ class PartitionTransactions:
         self._dirty = False
         self._marker: Path | None = None
         self._closing = False
-        self._installed_on: object | None = None
 
     @property
     def closing(self) -> bool:
@@ -168,12 +166,11 @@ class PartitionTransactions:
         """Every row written so far is committed."""
         self._dirty = False
 
-    def install(self) -> None:
-        """Disable faust's commits and fence its rebalance steps off from batches (idempotent)."""
-        consumer = self._app.consumer
-        if self._installed_on is consumer:
-            return
-        self._installed_on = consumer
+    def install(self, consumer: ConsumerT) -> None:
+        """Disable faust's commits on `consumer` and fence its rebalance steps off from batches.
+
+        Runs when faust creates the consumer, before its first rebalance: positions are read at every one.
+        """
 
         async def commit_nothing(*args: Any, **kwargs: Any) -> bool:
             return False  # offsets are committed inside our transactions only
@@ -247,33 +244,6 @@ class PartitionTransactions:
             raise  # stopping mid-batch: the open transaction is aborted by the next owner, no clean marker
         except BaseException as exc:  # every failure here is fatal by design
             fatal(f"transaction failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
-
-
-class _UnfilteredReadOffsets(dict[Any, "int | None"]):
-    """faust's read offsets (a `defaultdict(lambda: None)`), reporting none for `topics` to its fetch loop."""
-
-    def __init__(self, topics: Iterable[str]) -> None:
-        super().__init__()
-        self._topics = frozenset(topics)
-
-    def __missing__(self, tp: Any) -> None:
-        return None
-
-    def __getitem__(self, tp: Any) -> int | None:
-        return None if tp.topic in self._topics else super().__getitem__(tp)
-
-
-def deliver_every_fetched_record(consumer: ConsumerT, topics: Iterable[str]) -> None:
-    """Stop faust's fetch loop from dropping records of `topics` at or below a stale read offset.
-
-    The loop drops every fetched record below the last offset it handed on. At a revocation it records the
-    offset of the record it was delivering even when the delivery was cancelled, *after* the revocation
-    cleared the partition's entry; the stale offset outlives the rebalance, and the records the new
-    generation fetches from the committed offset below it are silently dropped (the scale tests lost events
-    this way, docs/faust-notes.md §11). `InputPositions` skips redeliveries itself. Must run before the fetch
-    loop starts, which binds the mapping's `__getitem__` once.
-    """
-    cast(Any, consumer)._read_offset = _UnfilteredReadOffsets(topics)
 
 
 def fix_recovery_highwaters() -> None:

@@ -4,7 +4,7 @@ Topology (every topic has N partitions; partition p of all of them belongs to on
 
     raw.<source> [p]           value: envelope-v1 JSON bytes
     <app>-internal [p]         value: protocol envelope {"v":1,"m":[msg, …]} for partition p
-      │ stitch agent           shard key: the partition number p (one agent, all input topics)
+      │ stitch task            whole fetches of all input topics, each batch split by partition number p
       │   raw   → validate ─┬─▶ dlq                 DlqRecord: named code + original bytes
       │                     └─▶ protocol.ingest     Route to the anchor's partition (inline when it is p)
       │   internal → protocol.handle               Route / Apply / Claim / Merge* / Repoint / Release / Erase
@@ -33,10 +33,11 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
-from faust.types import ConsumerT, TableT
+from faust.types import TP, ConsumerT, TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
+from streams.app.fetch import Inbox, Record, install_bulk_fetch
 from streams.app.protocol import (
     Effects,
     PartitionState,
@@ -50,7 +51,6 @@ from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
     PartitionTransactions,
-    deliver_every_fetched_record,
     fatal,
     fix_recovery_highwaters,
     wipe_tables_after_unclean_stop,
@@ -68,10 +68,12 @@ __all__ = ["TABLES", "create_app"]
 
 log = logging.getLogger(__name__)
 
-# Records per batch, and the longest a partial batch waits: one transaction per partition per batch
-# amortises the commit round trip, while 20 ms keeps each internal hop well inside the p99 target.
-BATCH_SIZE = 2000
-BATCH_WITHIN_SECONDS = 0.1
+# Most records per batch (one transaction per partition per batch); a batch is whatever was fetched while
+# the previous one ran, or after `batch_linger_ms` when the load is light. The fetch pauses while two batches'
+# worth wait.
+BATCH_SIZE = 4000
+# How often a batch waiting for table recovery to end looks again.
+RECOVERY_POLL_SECONDS = 0.05
 # Hot rows per partition (two generations): most events touch profiles seen moments ago.
 CACHE_ROWS_PER_PARTITION = 20_000
 TABLES: tuple[TableName, ...] = ("ids", "profiles")
@@ -138,33 +140,6 @@ class _Batch:
         self._records.clear()
 
 
-class _Pending:
-    """Events read but not processed yet, in arrival order, and since when the oldest has waited."""
-
-    def __init__(self) -> None:
-        self._events: list[faust.EventT[bytes]] = []
-        self._since = 0.0
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def add(self, event: faust.EventT[bytes]) -> None:
-        if not self._events:
-            self._since = time.monotonic()
-        self._events.append(event)
-
-    def take(self) -> list[faust.EventT[bytes]]:
-        """Everything pending, oldest first; a prefix of arrival order, so each partition keeps its order."""
-        events, self._events = self._events, []
-        return events
-
-    def due_in(self, within: float) -> float:
-        """Seconds until the oldest event has waited `within` (`within` when nothing is pending)."""
-        if not self._events:
-            return within
-        return max(0.0, self._since + within - time.monotonic())
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def _key_partition(key: bytes, partitions: int) -> int:
     """Java's murmur2 placement; cached because the keys are profile ids that repeat batch after batch."""
@@ -193,9 +168,16 @@ def create_app(
     n = settings.partitions
     raw_names = [raw_topic(source) for source in settings.sources]
     internal = internal_topic(settings)
+    inbox = Inbox(limit=2 * BATCH_SIZE, may_overflow=lambda: not stitching_allowed())
+    linger = settings.batch_linger_ms / 1000
+
+    def adapt_consumer(consumer: ConsumerT) -> None:
+        txns.install(consumer)
+        install_bulk_fetch(consumer, [*raw_names, internal], inbox)
+
     app = _StitchApp(
         settings.app_id,
-        on_consumer=lambda consumer: deliver_every_fetched_record(consumer, [*raw_names, internal]),
+        on_consumer=adapt_consumer,
         broker=f"kafka://{settings.bootstrap}",
         store="rocksdb://",
         datadir=str(settings.data_dir),
@@ -211,11 +193,11 @@ def create_app(
         # one record batch per topic partition and transaction: aiokafka waits for a partition's previous
         # batch to be sent before queueing the next, so 16 KiB batches cost a round trip every ~10 profiles
         producer_max_batch_size=PRODUCER_BATCH_BYTES,
-        stream_buffer_maxsize=4 * BATCH_SIZE,
     )
     wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
     fix_recovery_highwaters()
-    inputs = app.topic(*raw_names, internal, key_type=bytes, value_type=bytes)
+    # subscribed (and co-partitioned with the tables) through faust; read by the stitch task, not an agent
+    app.topics.add(app.topic(*raw_names, internal, key_type=bytes, value_type=bytes))
     tables: dict[TableName, TableT[bytes, bytes]] = {
         name: app.Table(name, partitions=n, key_type=bytes, value_type=bytes) for name in TABLES
     }
@@ -232,66 +214,57 @@ def create_app(
             )
         return state
 
-    @app.agent(inputs)
-    async def stitch(events: faust.StreamT[bytes]) -> None:
-        """Shard key: partition number p; each batch is split by p, one transaction per p.
+    def stitching_allowed() -> bool:
+        """Not from a revocation (flow control suspended) until the assigned partitions' tables are recovered.
 
-        Batches are collected here, not with faust's `noack_take()` (or `take()`, built alike): under load it
-        dropped a few events at batch boundaries and delivered others twice (seen by the kill -9 test). faust
-        acks each event as the next is read; harmless, since offsets are committed only with our transactions.
+        A batch begun after a revocation would commit through a producer the new owner is about to fence, and
+        one during recovery would read and write rows that recovery is still overwriting from the changelog.
+        faust resumes flow control *before* it restores tables, hence both conditions.
         """
-        stream = cast(faust.Stream[bytes], events)
-        txns.install()
-        batch = _Pending()
-        flusher = asyncio.create_task(_flush_when_due(batch))
-        try:
-            async for event in stream.events():
-                batch.add(event)
-                if len(batch) >= BATCH_SIZE:
-                    await _process_or_exit(batch.take)
-        finally:
-            flusher.cancel()
+        return app.flow_control.is_active() and not app.in_recovery
 
-    async def _flush_when_due(batch: _Pending) -> None:
-        """A partial batch goes out once its oldest event has waited BATCH_WITHIN_SECONDS."""
+    async def stitch() -> None:
+        """Stitch what was fetched, a batch at a time, each batch split by partition number p.
+
+        Records wait in the inbox while stitching is not allowed (`stitching_allowed`). Those fetched before
+        the latest rebalance are dropped: every assigned partition is read again from its committed offset.
+        """
         while True:
-            await asyncio.sleep(batch.due_in(BATCH_WITHIN_SECONDS))
-            if batch.due_in(BATCH_WITHIN_SECONDS) == 0:
-                await _process_or_exit(batch.take)
+            records, generation = await inbox.take(BATCH_SIZE, linger)
+            while True:
+                await app.flow_control.acquire()
+                if not stitching_allowed():
+                    await asyncio.sleep(RECOVERY_POLL_SECONDS)
+                    continue
+                async with txns.lock:
+                    if txns.closing:
+                        return
+                    if not stitching_allowed():  # a rebalance began while we waited for the lock
+                        continue
+                    if generation != app.consumer_generation_id:
+                        metrics.REDELIVERED_TOTAL.inc(len(records))
+                        break
+                    try:
+                        await _process(records)
+                    except Exception as exc:  # a bug, not input (that goes to the DLQ)
+                        log.exception("batch failed")
+                        fatal(f"batch failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
+                    break
 
-    async def _process_or_exit(take: Callable[[], list[faust.EventT[bytes]]]) -> None:
-        """One batch under the lock; an unexpected error may leave uncommitted rows behind, so it is fatal."""
-        async with txns.lock:
-            events = take()  # under the lock: the timer and the size trigger never split one batch
-            if not events or txns.closing:
-                return
-            try:
-                await _process(events)
-            except Exception as exc:  # a bug (bad input goes to the DLQ): restart from the committed state
-                log.exception("batch failed")
-                fatal(f"batch failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
+    app.task(stitch)
 
-    async def _process(batch: Sequence[faust.EventT[bytes]]) -> None:
-        # (p → events of partition p, in arrival order); a record of a partition we no longer own is
-        # skipped (its new owner reads it from the offsets committed with p), and so is a redelivery
+    async def _process(batch: Sequence[Record]) -> None:
+        # (p → records of partition p, in fetch order); a record of a partition we no longer own is skipped
+        # (its new owner reads it from the offsets committed with p), and so is a redelivery
         assigned = app.consumer.assignment()
-        by_partition: dict[int, list[faust.EventT[bytes]]] = defaultdict(list)
+        by_partition: dict[int, list[Record]] = defaultdict(list)
         positions = txns.positions
-        generation = app.consumer_generation_id
-        for event in batch:
-            message = event.message
-            tp = (message.topic, message.partition)
-            if message.tp not in assigned:
+        for record in batch:
+            if TP(record.topic, record.partition) not in assigned:
                 continue
-            if message.generation_id != generation:
-                # fetched before the latest rebalance: faust cleared its stream buffers at the revocation, so
-                # the records between this one and the last we saw may be gone; the positions read after the
-                # rebalance take them again, in order (docs/faust-notes.md §11)
-                metrics.REDELIVERED_TOTAL.inc()
-                continue
-            admission = positions.admit(*tp, message.offset)
+            admission = positions.admit(record.topic, record.partition, record.offset)
             if admission is Admission.TAKE:
-                by_partition[message.partition].append(event)
+                by_partition[record.partition].append(record)
             elif admission is Admission.REDELIVERED:
                 metrics.REDELIVERED_TOTAL.inc()
             else:
@@ -307,8 +280,8 @@ def create_app(
                 fatal(f"partition {partition} is assigned but has no transactional producer")
             part = _Batch(partition, n, cast(AIOKafkaProducer, producer))
             state = state_for(partition)
-            for event in group:
-                _handle(state, part, event, now_ms)
+            for record in group:
+                _handle(state, part, record, now_ms)
             await _publish(state, part, now_ms)
             work.append(part)
             metrics.BATCH_RECORDS.observe(len(group))
@@ -319,11 +292,10 @@ def create_app(
         txns.end_batch()
         metrics.BATCH_SECONDS.labels("commit").observe(time.perf_counter() - handled)
 
-    def _handle(state: PartitionState, part: _Batch, event: faust.EventT[bytes], now_ms: int) -> None:
-        message = event.message
-        part.offsets[(message.topic, message.partition)] = message.offset + 1
-        value = event.value if isinstance(event.value, bytes) else b""
-        if message.topic == internal:
+    def _handle(state: PartitionState, part: _Batch, record: Record, now_ms: int) -> None:
+        part.offsets[(record.topic, record.partition)] = record.offset + 1
+        value = record.value if record.value is not None else b""
+        if record.topic == internal:
             for msg in decode_envelope(value):
                 handle(state, msg, part.effects)
             return
@@ -331,19 +303,18 @@ def create_app(
             normalized = validator.validate(value)
         except InvalidEvent as exc:
             metrics.DLQ_TOTAL.labels("validate", exc.code.value).inc()
-            key = event.key if isinstance(event.key, bytes) else None
-            record = dlq_record(
-                key=key,
+            dead = dlq_record(
+                key=record.key,
                 value=value,
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
                 code=exc.code.value,
                 message=exc.message,
                 stage="validate",
                 failed_at_ms=now_ms,
             )
-            part.add("dlq", key, dumps(record))
+            part.add("dlq", record.key, dumps(dead))
             return
         metrics.EVENTS_IN_TOTAL.labels(normalized.source, normalized.type).inc()
         for type_, reason in normalized.dropped:

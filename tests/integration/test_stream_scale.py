@@ -26,8 +26,8 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams.app.topics import create_topics, internal_topic
-from streams.config import AppSettings
+from streams.app.topics import create_topics, internal_topic, raw_topic
+from streams.config import DEFAULT_SOURCES, AppSettings
 from streams.core import IdentityGraph, MemoryStore, Rules
 from streams.core.rules import load_rules
 from streams.core.state import ORDER_TYPES
@@ -204,7 +204,10 @@ def _wait_quiescent(cluster: Cluster, population: Population, timeout: float = 3
         )
         return len(seen) + len(read_to_end(cluster.bootstrap, "dlq")) >= expected
 
-    wait_for("every input resolved or dead-lettered", all_out, timeout=timeout)
+    try:
+        wait_for("every input resolved or dead-lettered", all_out, timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; unresolved valid input: {_unresolved(cluster.bootstrap)}") from None
     watched = [internal_topic(AppSettings(app_id=cluster.app_id)), "profiles", "identity.changes"]
     last = _end_offsets(cluster.bootstrap, watched)
     stable_since = time.monotonic()
@@ -214,6 +217,21 @@ def _wait_quiescent(cluster: Cluster, population: Population, timeout: float = 3
         if now != last:
             last, stable_since = now, time.monotonic()
     return _read_outputs(cluster.bootstrap)
+
+
+def _unresolved(bootstrap: str) -> dict[str, list[int]]:
+    """Offsets of the valid raw records whose event is in no `events.resolved` record, by topic partition."""
+    resolved = {orjson.loads(m.value())["event_id"] for m in read_to_end(bootstrap, "events.resolved")}
+    missing: dict[str, list[int]] = {}
+    for topic in (raw_topic(source) for source in DEFAULT_SOURCES):
+        for m in read_to_end(bootstrap, topic):
+            try:
+                event_id = orjson.loads(m.value())["event_id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # one of the invalid extras: accounted for in `dlq`
+            if event_id not in resolved:
+                missing.setdefault(f"{topic}[{m.partition()}]", []).append(m.offset())
+    return missing
 
 
 def _replay(population: Population, rules: Rules) -> tuple[dict[str, str | None], list[set[str]]]:

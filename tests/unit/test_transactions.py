@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
-
-from faust.types import TP
 
 from streams.app.transactions import (
     CLEAN_STOP_MARKER,
     Admission,
     InputPositions,
-    deliver_every_fetched_record,
     mark_clean_stop,
     wipe_tables_after_unclean_stop,
 )
@@ -103,15 +98,3 @@ def test_a_rebalance_forgets_what_was_held() -> None:
     positions.reset({(RAW, 0): 47}, [(RAW, 0)])
     assert positions.take_seeks() == {}
     assert positions.admit(RAW, 0, 47) is Admission.TAKE
-
-
-def test_fetch_loop_sees_no_read_offset_for_the_inputs_only() -> None:
-    consumer = SimpleNamespace(_read_offset={})
-    deliver_every_fetched_record(cast(Any, consumer), [RAW])
-    read_offsets = consumer._read_offset
-    changelog = TP("app-ids-changelog", 0)
-    assert read_offsets[TP(RAW, 0)] is None and read_offsets[changelog] is None
-    read_offsets[TP(RAW, 0)] = 47  # a stale offset recorded for a cancelled delivery
-    read_offsets[changelog] = 12
-    assert read_offsets[TP(RAW, 0)] is None
-    assert read_offsets[changelog] == 12
