@@ -106,12 +106,12 @@ def install_bulk_fetch(consumer: ConsumerT, inputs: Collection[str], inbox: Inbo
         consumer_stopped = faust_consumer._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
         while not (consumer_stopped() or fetcher_stopped()):
-            generation = app.consumer_generation_id
             records, active = await faust_consumer._wait_next_records(FETCH_TIMEOUT)
+            # read after the wait, as faust's `getmany` does: the wait spans whole rebalances, and a fetch
+            # dropped for its generation would drop the table changelog records recovery is waiting for
+            generation = app.consumer_generation_id
             if not records or faust_consumer.should_stop or not faust_consumer.flow_active:
                 continue
-            if app.consumer_generation_id != generation:
-                continue  # fetched before a rebalance, like faust's `getmany`: read again after its seek
             fetched: list[Record] = []
             for tp, tp_records in records.items():
                 if active is not None and tp not in active and tp not in buffered:
