@@ -42,9 +42,9 @@ class Inbox:
     takes nothing, and recovery needs the same fetch loop to deliver the changelogs. Faust pauses the input
     partitions meanwhile, so at most the fetches already in flight pile up.
 
-    Records carry the consumer generation they were fetched in. Records of an older generation are dropped
-    as soon as newer ones arrive: after a rebalance every assigned partition is read again from its committed
-    offset.
+    Records carry the consumer generation current when their fetch returned. Records of an older generation
+    are dropped as soon as newer ones arrive: after a rebalance every assigned partition is read again from
+    its committed offset.
     """
 
     def __init__(self, limit: int, may_overflow: Callable[[], bool]) -> None:
@@ -60,7 +60,7 @@ class Inbox:
         return len(self._records)
 
     async def put(self, records: list[Record], generation: int) -> None:
-        """Add one fetch's records; `generation`: the consumer generation the fetch was made in."""
+        """Add one fetch's records; `generation`: the consumer generation when the fetch returned."""
         if generation < self._generation:
             return
         if generation > self._generation:
@@ -76,7 +76,7 @@ class Inbox:
 
     async def take(self, most: int, linger: float) -> tuple[list[Record], int]:
         """The oldest `most` records once the oldest has waited `linger` seconds or `most` are waiting, and
-        the consumer generation they were fetched in."""
+        their consumer generation."""
         while not self._records:
             self._arrived.clear()
             await self._arrived.wait()

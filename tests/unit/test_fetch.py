@@ -1,0 +1,74 @@
+"""The inbox between the bulk fetch loop and the stitcher: order, size, linger, generations, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka.structs import ConsumerRecord
+
+from streams.app.fetch import Inbox, Record
+
+
+def _records(topic: str, partition: int, offsets: range) -> list[Record]:
+    return [ConsumerRecord(topic, partition, offset, 0, 0, None, b"v", None, 0, 1, ()) for offset in offsets]
+
+
+def test_a_batch_is_what_waits_in_fetch_order_up_to_the_most_asked() -> None:
+    async def run() -> None:
+        inbox = Inbox(limit=100, may_overflow=lambda: False)
+        await inbox.put(_records("raw.web", 0, range(3)), generation=1)
+        await inbox.put(_records("raw.app", 1, range(5)), generation=1)
+        taken, generation = await inbox.take(most=6, linger=0)
+        expected = [("raw.web", offset) for offset in range(3)] + [("raw.app", offset) for offset in range(3)]
+        assert [(r.topic, r.offset) for r in taken] == expected
+        assert generation == 1
+        rest, _ = await inbox.take(most=6, linger=10)  # has waited already: no second linger
+        assert [r.offset for r in rest] == [3, 4]
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def test_a_small_batch_lingers_until_its_oldest_record_has_waited() -> None:
+    async def run() -> float:
+        inbox = Inbox(limit=100, may_overflow=lambda: False)
+        await inbox.put(_records("raw.web", 0, range(2)), generation=1)
+        began = time.monotonic()
+        taken, _ = await inbox.take(most=1000, linger=0.2)
+        assert len(taken) == 2
+        return time.monotonic() - began
+
+    assert asyncio.run(asyncio.wait_for(run(), 5)) >= 0.15
+
+
+def test_records_of_an_older_generation_never_reach_a_batch() -> None:
+    async def run() -> None:
+        inbox = Inbox(limit=100, may_overflow=lambda: False)
+        await inbox.put(_records("raw.web", 0, range(10, 13)), generation=4)
+        await inbox.put(_records("raw.web", 0, range(5, 7)), generation=5)  # read again after a rebalance
+        await inbox.put(_records("raw.web", 0, range(13, 15)), generation=4)  # a fetch that returned late
+        taken, generation = await inbox.take(most=100, linger=0)
+        assert [r.offset for r in taken] == [5, 6] and generation == 5
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def test_a_full_inbox_holds_the_fetch_unless_it_may_overflow() -> None:
+    async def run() -> None:
+        overflow = False
+        inbox = Inbox(limit=3, may_overflow=lambda: overflow)
+        await inbox.put(_records("raw.web", 0, range(3)), generation=1)
+        blocked = asyncio.create_task(inbox.put(_records("raw.web", 0, range(3, 5)), generation=1))
+        await asyncio.sleep(0.3)
+        assert not blocked.done() and len(inbox) == 3
+        await inbox.take(most=2, linger=0)  # room again: the fetch goes on
+        await asyncio.wait_for(blocked, 1)
+        assert len(inbox) == 3
+        blocked = asyncio.create_task(inbox.put(_records("raw.web", 0, range(5, 7)), generation=1))
+        await asyncio.sleep(0.3)
+        assert not blocked.done()
+        overflow = True  # a rebalance: the stitcher takes nothing, and recovery needs the fetch loop
+        await asyncio.wait_for(blocked, 1)
+        assert len(inbox) == 5
+
+    asyncio.run(asyncio.wait_for(run(), 5))
