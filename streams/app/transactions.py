@@ -74,8 +74,9 @@ class Admission(enum.Enum):
 class InputPositions:
     """The next offset to take per input partition, and proof that nothing before a taken record was skipped.
 
-    Right after a rebalance a partition's position (its committed offset) is unconfirmed: faust may have lost
-    records between its fetch and the stream (docs/faust-notes.md §11), so the first record seen may lie past
+    Right after a rebalance a partition's position (its committed offset) is unconfirmed: records can be lost
+    between the fetch and a batch around rebalances (the fetch loop drops those of partitions faust paused,
+    the inbox those of an older generation; docs/faust-notes.md §11), so the first record seen may lie past
     some never delivered. Only a record *at* the position confirms it. A record further ahead is held, and
     the partition is re-read from the position (`take_seeks`); once a record at most as far as the held one
     comes back, the offsets between were transaction markers or aborted records, never data. On `gapless`
