@@ -29,6 +29,7 @@ class AppSettings:
     replication_factor: int = 1
     rules_file: Path | None = None
     batch_linger_ms: int = 20
+    batch_max_records: int = 4000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AppSettings:
@@ -47,4 +48,5 @@ class AppSettings:
             replication_factor=int(env.get("OMNISTITCH_REPLICATION_FACTOR", defaults.replication_factor)),
             rules_file=Path(rules) if rules else None,
             batch_linger_ms=int(env.get("OMNISTITCH_BATCH_LINGER_MS", defaults.batch_linger_ms)),
+            batch_max_records=int(env.get("OMNISTITCH_BATCH_MAX_RECORDS", defaults.batch_max_records)),
         )

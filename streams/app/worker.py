@@ -68,10 +68,6 @@ __all__ = ["TABLES", "create_app"]
 
 log = logging.getLogger(__name__)
 
-# Most records per batch (one transaction per partition per batch); a batch is whatever was fetched while
-# the previous one ran, or after `batch_linger_ms` when the load is light. The fetch pauses while two batches'
-# worth wait.
-BATCH_SIZE = 4000
 # How often a batch waiting for table recovery to end looks again.
 RECOVERY_POLL_SECONDS = 0.05
 # Hot rows per partition (two generations): most events touch profiles seen moments ago.
@@ -168,7 +164,10 @@ def create_app(
     n = settings.partitions
     raw_names = [raw_topic(source) for source in settings.sources]
     internal = internal_topic(settings)
-    inbox = Inbox(limit=2 * BATCH_SIZE, may_overflow=lambda: not stitching_allowed())
+    # a batch is whatever was fetched while the previous one ran, up to `batch_max_records`, or what waits
+    # once the oldest has waited `batch_linger_ms` (light load); the fetch pauses while two batches wait
+    most = settings.batch_max_records
+    inbox = Inbox(limit=2 * most, may_overflow=lambda: not stitching_allowed())
     linger = settings.batch_linger_ms / 1000
 
     def adapt_consumer(consumer: ConsumerT) -> None:
@@ -230,7 +229,7 @@ def create_app(
         the latest rebalance are dropped: every assigned partition is read again from its committed offset.
         """
         while True:
-            records, generation = await inbox.take(BATCH_SIZE, linger)
+            records, generation = await inbox.take(most, linger)
             while True:
                 await app.flow_control.acquire()
                 if not stitching_allowed():
