@@ -29,7 +29,7 @@ class AppSettings:
     replication_factor: int = 1
     rules_file: Path | None = None
     batch_linger_ms: int = 20
-    batch_max_records: int = 4000
+    batch_max_records: int = 1000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AppSettings:
