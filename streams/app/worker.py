@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import logging
-import operator
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +37,7 @@ from faust.types import TP, ConsumerT, TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
-from streams.app.fetch import Inbox, Record, install_bulk_fetch
+from streams.app.fetch import Inbox, Record, in_time_order, install_bulk_fetch
 from streams.app.protocol import (
     Effects,
     PartitionState,
@@ -142,26 +140,6 @@ class _Batch:
 def _key_partition(key: bytes, partitions: int) -> int:
     """Java's murmur2 placement; cached because the keys are profile ids that repeat batch after batch."""
     return murmur2_partition(key, partitions)
-
-
-_record_time = operator.attrgetter("timestamp")
-
-
-def _in_time_order(by_input: dict[tuple[str, int], list[Record]]) -> dict[int, list[Record]]:
-    """Each partition number's records, the inputs merged by record timestamp, each input's order kept.
-
-    A fetch holds long runs of one topic partition; handled run after run, one source's events of the last
-    second would all be stitched before another's, and order-dependent decisions (merge protection) would
-    drift further from event-time order than they need to. Kafka orders records within a topic partition only,
-    so any interleaving across topics is as correct; this one is the closest to the time the events happened.
-    """
-    inputs: dict[int, list[list[Record]]] = defaultdict(list)
-    for (_, partition), records in by_input.items():
-        inputs[partition].append(records)
-    return {
-        partition: lists[0] if len(lists) == 1 else list(heapq.merge(*lists, key=_record_time))
-        for partition, lists in inputs.items()
-    }
 
 
 class _StitchApp(faust.App):
@@ -295,7 +273,7 @@ def create_app(
         txns.begin_batch()
         began = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        for partition, group in _in_time_order(by_input).items():
+        for partition, group in in_time_order(by_input).items():
             producer = txns.producer(partition)
             if producer is None:
                 fatal(f"partition {partition} is assigned but has no transactional producer")

@@ -1,4 +1,4 @@
-"""The inbox between the bulk fetch loop and the stitcher: order, size, linger, generations, back-pressure."""
+"""From fetch to batch: the inbox (order, size, linger, generations, back-pressure) and the merge by time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from aiokafka.structs import ConsumerRecord
 
-from streams.app.fetch import Inbox, Record
+from streams.app.fetch import Inbox, Record, in_time_order
 
 
 def _records(topic: str, partition: int, offsets: range) -> list[Record]:
@@ -72,3 +72,21 @@ def test_a_full_inbox_holds_the_fetch_unless_it_may_overflow() -> None:
         assert len(inbox) == 5
 
     asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def test_a_partitions_inputs_are_merged_by_timestamp_each_keeping_its_order() -> None:
+    def at(topic: str, partition: int, offset: int, timestamp: int) -> Record:
+        return ConsumerRecord(topic, partition, offset, timestamp, 0, None, b"v", None, 0, 1, ())
+
+    web = [at("raw.web", 0, 10, 100), at("raw.web", 0, 11, 300), at("raw.web", 0, 12, 250)]  # clock skew
+    app = [at("raw.app", 0, 7, 200), at("raw.app", 0, 8, 400)]
+    other = [at("raw.app", 1, 3, 50)]
+    merged = in_time_order({("raw.web", 0): web, ("raw.app", 0): app, ("raw.app", 1): other})
+    assert [(r.topic, r.offset) for r in merged[0]] == [
+        ("raw.web", 10),
+        ("raw.app", 7),
+        ("raw.web", 11),
+        ("raw.web", 12),  # never ahead of 11, whatever its timestamp
+        ("raw.app", 8),
+    ]
+    assert merged[1] == other
