@@ -68,11 +68,11 @@ REDELIVERED_TOTAL = Counter(
 )
 HELD_TOTAL = Counter(
     "omnistitch_held_total",
-    "Input records held back because records before them may have been lost between fetch and stream; "
+    "Input records held back because records before them may have been lost between fetch and batch; "
     "the partition is read again from its position.",
     registry=REGISTRY,
 )
-# One batch = one partition's records of one take(): sizes from a trickle to the 2,000-record cap.
+# One partition's share of a batch: from a trickle to the whole batch (OMNISTITCH_BATCH_MAX_RECORDS).
 BATCH_RECORDS = Histogram(
     "omnistitch_batch_records",
     "Input records (raw events and protocol envelopes) per partition transaction.",

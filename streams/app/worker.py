@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
-from faust.types import TP, ConsumerT, TableT
+from faust.types import ConsumerT, TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
@@ -253,17 +253,18 @@ def create_app(
     app.task(stitch)
 
     async def _process(batch: Sequence[Record]) -> None:
-        # (p → records of partition p, in fetch order); a record of a partition we no longer own is skipped
-        # (its new owner reads it from the offsets committed with p), and so is a redelivery
-        assigned = app.consumer.assignment()
+        # ((topic, p) → its records in offset order); a record of a partition we no longer own is skipped (its
+        # new owner reads it from the offsets committed with p), a redelivery too, and a held one for now
+        assigned = app.consumer.assignment()  # faust TPs, equal to (topic, partition) tuples
         by_input: dict[tuple[str, int], list[Record]] = defaultdict(list)
         positions = txns.positions
         for record in batch:
-            if TP(record.topic, record.partition) not in assigned:
+            tp = (record.topic, record.partition)
+            if tp not in assigned:
                 continue
-            admission = positions.admit(record.topic, record.partition, record.offset)
+            admission = positions.admit(*tp, record.offset)
             if admission is Admission.TAKE:
-                by_input[(record.topic, record.partition)].append(record)
+                by_input[tp].append(record)
             elif admission is Admission.REDELIVERED:
                 metrics.REDELIVERED_TOTAL.inc()
             else:
