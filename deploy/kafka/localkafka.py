@@ -71,9 +71,20 @@ def _classpath() -> str:
         if shutil.which("mvn") is None:
             sys.exit("localkafka: Maven (mvn) is needed to fetch the broker jars from Maven Central")
         tmp = CLASSPATH_CACHE.with_suffix(".tmp")
+        # Maven's own output goes to stderr: stdout is the bootstrap address callers read.
         subprocess.run(
-            ["mvn", "-q", "-B", "-f", str(POM), "dependency:build-classpath", f"-Dmdep.outputFile={tmp}"],
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-Dstyle.color=never",
+                "-f",
+                str(POM),
+                "dependency:build-classpath",
+                f"-Dmdep.outputFile={tmp}",
+            ],
             check=True,
+            stdout=sys.stderr,
         )
         tmp.replace(CLASSPATH_CACHE)
     return CLASSPATH_CACHE.read_text().strip()

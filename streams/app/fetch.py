@@ -150,6 +150,10 @@ def install_bulk_fetch(consumer: ConsumerT, inputs: Collection[str], inbox: Inbo
                     continue
                 read_offset[tp] = tp_records[-1].offset
                 for record in tp_records:
+                    if app.consumer_generation_id != generation:
+                        # a rebalance came while these waited: their partition may be gone, or being
+                        # restored again from another offset (faust-notes §12); recovery seeks what it needs
+                        break
                     await faust_consumer.wait_first(
                         callback(to_message(tp, record)), faust_consumer.suspend_flow.wait()
                     )

@@ -21,7 +21,9 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
 5. table recovery asks the broker where each changelog ends (`read_committed`), instead of faust's cached
    last-stable offset, which is -1 for a partition this consumer has not fetched yet: with exactly-once on,
    faust restored *nothing* on every newly assigned partition (`fix_recovery_highwaters`); and it stops at the
-   last record, not at the trailing transaction marker it would wait 10 s for.
+   last record, not at the trailing transaction marker it would wait 10 s for;
+6. table recovery applies changelog records only to the partitions it is restoring (`guard_recovery_buffers`):
+   faust applied the late records of a partition revoked mid-recovery anyway, and marked them restored.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.types import TP, ConsumerT
+from faust.types import TP, ConsumerT, TableT
 
 __all__ = [
     "CLEAN_STOP_MARKER",
@@ -49,6 +51,7 @@ __all__ = [
     "InputPositions",
     "PartitionTransactions",
     "fix_recovery_highwaters",
+    "guard_recovery_buffers",
     "mark_clean_stop",
     "wipe_tables_after_unclean_stop",
 ]
@@ -268,6 +271,36 @@ def fix_recovery_highwaters() -> None:
         return {tp: end - 1 if end > 0 else end for tp, end in ends.items()}
 
     AIOKafkaConsumerThread._highwaters = broker_highwaters  # type: ignore[method-assign]
+
+
+class TrackedChangelogBuffer(list[Any]):
+    """faust's recovery buffer of one table that takes only records of the partitions recovery tracks.
+
+    faust 0.15.3's `Recovery._slurp_changelogs` logs "recovery unknown topic" for a changelog record of a
+    partition that is neither active nor standby here (one revoked while its records were in flight), then
+    carries on with the *previous* record's table: it buffers the record and applies it, which reopens the
+    revoked partition's RocksDB and sets its persisted offset to that record's. When the partition comes
+    back, recovery resumes from there, and every row between what the interrupted recovery had restored and
+    that offset stays stale (docs/faust-notes.md §12): a profile lost orders, a lock waited forever.
+    """
+
+    def __init__(self, recovery: Any, changelog_topic: str) -> None:
+        super().__init__()
+        self._recovery = recovery
+        self._topic = changelog_topic
+
+    def append(self, event: Any) -> None:
+        tp = event.message.tp
+        recovery = self._recovery
+        if tp.topic == self._topic and (tp in recovery.active_tps or tp in recovery.standby_tps):
+            super().append(event)
+
+
+def guard_recovery_buffers(app: faust.App, tables: Iterable[TableT[Any, Any]]) -> None:
+    """Give each table's recovery a `TrackedChangelogBuffer`; before the worker starts (faust keeps them)."""
+    recovery: Any = cast(Any, app.tables).recovery
+    for table in tables:
+        recovery.buffers[table] = TrackedChangelogBuffer(recovery, table.changelog_topic.get_topic_name())
 
 
 def fatal(reason: str) -> None:

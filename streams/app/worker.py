@@ -53,6 +53,7 @@ from streams.app.transactions import (
     PartitionTransactions,
     fatal,
     fix_recovery_highwaters,
+    guard_recovery_buffers,
     wipe_tables_after_unclean_stop,
 )
 from streams.config import AppSettings
@@ -200,6 +201,7 @@ def create_app(
     tables: dict[TableName, TableT[bytes, bytes]] = {
         name: app.Table(name, partitions=n, key_type=bytes, value_type=bytes) for name in TABLES
     }
+    guard_recovery_buffers(app, tables.values())
     changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
     states: dict[int, PartitionState] = {}
     txns = PartitionTransactions(app, internal, settings.bootstrap, on_rebalance=states.clear)

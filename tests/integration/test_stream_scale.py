@@ -177,6 +177,7 @@ class Outputs:
     dlq_ids: list[str]
     changes: list[dict[str, Any]]
     live: dict[str, dict[str, Any]]
+    snapshots: list[tuple[str, dict[str, Any] | None]]  # every `profiles` record, each key's in order
 
 
 def _read_outputs(bootstrap: str) -> Outputs:
@@ -187,11 +188,13 @@ def _read_outputs(bootstrap: str) -> Outputs:
         marker = original.split(b'"event_id": "', 1)[1].split(b'"', 1)[0]
         dlq_ids.append(marker.decode())
     changes = [orjson.loads(m.value()) for m in read_to_end(bootstrap, "identity.changes")]
-    latest: dict[str, bytes | None] = {}
-    for m in read_to_end(bootstrap, "profiles"):
-        latest[m.key().decode()] = m.value()
-    live = {key: orjson.loads(value) for key, value in latest.items() if value is not None}
-    return Outputs(resolved, dlq_ids, changes, live)
+    snapshots = [
+        (m.key().decode(), None if m.value() is None else orjson.loads(m.value()))
+        for m in read_to_end(bootstrap, "profiles")
+    ]
+    latest = dict(snapshots)
+    live = {key: snapshot for key, snapshot in latest.items() if snapshot is not None}
+    return Outputs(resolved, dlq_ids, changes, live, snapshots)
 
 
 def _wait_quiescent(cluster: Cluster, population: Population, timeout: float = 300) -> Outputs:
@@ -287,6 +290,30 @@ def _check_exactly_once_and_sums(outputs: Outputs, population: Population) -> No
     assert not [key for key, n in everywhere.items() if n > 1], "an identifier is in two live profiles"
 
 
+def _check_profiles_only_move_forward(outputs: Outputs) -> None:
+    """No profile goes back in time: a worker that restored a stale table row would repeat a change `seq`
+    (`identity.changes`) or publish fewer orders than before (`profiles`), sums alone may not show it."""
+    repeated = []
+    last_seq: dict[str, int] = {}
+    for change in outputs.changes:
+        profile_id, seq = change["profile_id"], change["seq"]
+        if seq <= last_seq.get(profile_id, 0):
+            repeated.append((profile_id, last_seq[profile_id], seq, change["kind"]))
+        last_seq[profile_id] = seq
+    assert not repeated, f"{len(repeated)} changes repeat or precede a seq: {repeated[:5]}"
+    went_back = []
+    last: dict[str, tuple[int, int]] = {}
+    for key, snapshot in outputs.snapshots:
+        if snapshot is None:
+            continue
+        now = (snapshot["seq"], snapshot["orders"]["count"])
+        before = last.get(key, now)
+        if now[0] < before[0] or now[1] < before[1]:
+            went_back.append((key, before, now))
+        last[key] = now
+    assert not went_back, f"{len(went_back)} profile snapshots went back (seq, orders): {went_back[:5]}"
+
+
 def _check_no_state_lost(cluster: Cluster) -> None:
     """A protocol message for a profile its home does not know means a table was not restored."""
     for worker in cluster.workers:
@@ -325,6 +352,7 @@ def test_two_workers_equal_the_replay_without_protection(cluster: Cluster) -> No
     cluster.start()
     outputs = _feed_and_wait(cluster, population, rate=None, at=lambda feed: None)
     _check_exactly_once_and_sums(outputs, population)
+    _check_profiles_only_move_forward(outputs)
     _, replay_sets = _replay(population, load_rules(rules_file))
     stream_sets = _identifier_sets(outputs)
     assert sorted(map(sorted, stream_sets)) == sorted(map(sorted, replay_sets))
@@ -337,6 +365,7 @@ def test_two_workers_match_the_replay_with_protection(cluster: Cluster) -> None:
     # live traffic, as the stream sees it in production (a backfill belongs to `omnistitch replay`)
     outputs = _feed_and_wait(cluster, population, rate=LIVE_RATE, at=lambda feed: None)
     _check_exactly_once_and_sums(outputs, population)
+    _check_profiles_only_move_forward(outputs)
     replay_final, _ = _replay(population, load_rules(None))
     # the replay is the reference: an event it leaves without a profile is a singleton
     reference = {event_id: pid or f"none:{event_id}" for event_id, pid in replay_final.items()}
@@ -360,6 +389,7 @@ def test_kill_9_and_restart_mid_stream_loses_and_repeats_nothing(cluster: Cluste
 
     outputs = _feed_and_wait(cluster, population, rate=LIVE_RATE, at=kill_and_restart)
     _check_exactly_once_and_sums(outputs, population)
+    _check_profiles_only_move_forward(outputs)
 
 
 def test_a_third_worker_joins_and_leaves_mid_stream(cluster: Cluster) -> None:
@@ -377,3 +407,4 @@ def test_a_third_worker_joins_and_leaves_mid_stream(cluster: Cluster) -> None:
 
     outputs = _feed_and_wait(cluster, population, rate=LIVE_RATE, at=scale_out_and_in)
     _check_exactly_once_and_sums(outputs, population)
+    _check_profiles_only_move_forward(outputs)
