@@ -21,6 +21,7 @@ __all__ = [
     "PROTOCOL_DROPPED_TOTAL",
     "REDELIVERED_TOTAL",
     "REGISTRY",
+    "RESTORE_SECONDS",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -93,5 +94,11 @@ EVENT_LAG_SECONDS = Histogram(
     "omnistitch_event_lag_seconds",
     "End-to-end lag from the event's occurred_at to its resolution.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+    registry=REGISTRY,
+)
+RESTORE_SECONDS = Histogram(
+    "omnistitch_restore_seconds",
+    "Seconds to bring the tables of a new assignment up to their changelogs' ends, before its first batch.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )

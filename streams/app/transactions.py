@@ -18,12 +18,11 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
    takes a record it cannot prove follows the last one taken (docs/faust-notes.md §11);
 4. any transaction error is fatal: the process exits at once, without marking a clean stop, so the next
    start rebuilds local tables from the committed changelogs (`wipe_tables_after_unclean_stop`);
-5. table recovery asks the broker where each changelog ends (`read_committed`), instead of faust's cached
-   last-stable offset, which is -1 for a partition this consumer has not fetched yet: with exactly-once on,
-   faust restored *nothing* on every newly assigned partition (`fix_recovery_highwaters`); and it stops at the
-   last record, not at the trailing transaction marker it would wait 10 s for;
-6. table recovery applies changelog records only to the partitions it is restoring (`guard_recovery_buffers`):
-   faust applied the late records of a partition revoked mid-recovery anyway, and marked them restored.
+5. tables are restored by the worker (`streams/app/restore.py`), not by faust's recovery, which restored
+   nothing under exactly-once (it read changelog ends from a cached offset, -1 for a partition just assigned)
+   and, around rebalances, marked rows restored that it had not restored (docs/faust-notes.md §12);
+6. faust's recovery loop, which still runs for standby replicas, applies changelog records only to the
+   partitions it tracks (`guard_recovery_buffers`): it applied the late records of a revoked partition.
 """
 
 from __future__ import annotations
@@ -35,14 +34,13 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP, ConsumerT, TableT
 
 __all__ = [
@@ -50,7 +48,6 @@ __all__ = [
     "Admission",
     "InputPositions",
     "PartitionTransactions",
-    "fix_recovery_highwaters",
     "guard_recovery_buffers",
     "mark_clean_stop",
     "wipe_tables_after_unclean_stop",
@@ -250,29 +247,6 @@ class PartitionTransactions:
             fatal(f"transaction failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
 
 
-def fix_recovery_highwaters() -> None:
-    """Make faust's table recovery read changelog ends from the broker, short of the last marker.
-
-    Process-wide and idempotent. faust 0.15.3 under exactly-once takes the ends from
-    `AIOKafkaConsumer.last_stable_offset`, a value cached from fetch responses: -1 for a partition just
-    assigned, so recovery believed every changelog empty, restored nothing after a restart or a rebalance, and
-    (with a persisted offset) raised ConsistencyError. aiokafka's `end_offsets` sends ListOffsets with the
-    consumer's isolation level, i.e. returns the last stable offset.
-
-    Recovery then waits until it has read the record just below that offset. Our changelogs are written only
-    inside transactions, so that offset holds a commit (or abort) marker, which a `read_committed` consumer
-    never receives: faust gave up waiting only after two 5 s timeouts, on every rebalance and restart. The
-    end we report skips that marker. Where the last transaction was aborted, the record below is aborted too
-    and faust's timeout path still ends the recovery, as before.
-    """
-
-    async def broker_highwaters(self: Any, partitions: list[Any]) -> Mapping[Any, int]:
-        ends = cast(Mapping[Any, int], await self._ensure_consumer().end_offsets(partitions))
-        return {tp: end - 1 if end > 0 else end for tp, end in ends.items()}
-
-    AIOKafkaConsumerThread._highwaters = broker_highwaters  # type: ignore[method-assign]
-
-
 class TrackedChangelogBuffer(list[Any]):
     """faust's recovery buffer of one table that takes only records of the partitions recovery tracks.
 
@@ -303,7 +277,7 @@ def guard_recovery_buffers(app: faust.App, tables: Iterable[TableT[Any, Any]]) -
         recovery.buffers[table] = TrackedChangelogBuffer(recovery, table.changelog_topic.get_topic_name())
 
 
-def fatal(reason: str) -> None:
+def fatal(reason: str) -> NoReturn:
     """Leave now: no shutdown hooks, no clean-stop marker, nothing half-committed survives in local state."""
     log.critical(reason)
     logging.shutdown()

@@ -47,12 +47,12 @@ from streams.app.protocol import (
     handle,
     ingest,
 )
+from streams.app.restore import ChangelogRestorer, skip_faust_recovery
 from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
     PartitionTransactions,
     fatal,
-    fix_recovery_highwaters,
     guard_recovery_buffers,
     wipe_tables_after_unclean_stop,
 )
@@ -84,16 +84,16 @@ class _TableRows:
         self._tables = tables
         self._partition = partition
 
-    def _db(self, table: TableName) -> Any:
-        # faust's store keeps one RocksDB per assigned partition; the changelog restores it on assignment
+    def database(self, table: TableName) -> Any:
+        """faust's RocksDB of this partition for `table` (one per assigned partition; `restore` fills it)."""
         return cast(Any, self._tables[table].data)._db_for_partition(self._partition)
 
     def get(self, table: TableName, key: bytes) -> bytes | None:
-        value = self._db(table).get(key)
+        value = self.database(table).get(key)
         return None if value is None else bytes(value)
 
     def put(self, table: TableName, key: bytes, value: bytes) -> None:
-        self._db(table).put(key, value)
+        self.database(table).put(key, value)
 
 
 class _Batch:
@@ -193,9 +193,11 @@ def create_app(
         # one record batch per topic partition and transaction: aiokafka waits for a partition's previous
         # batch to be sent before queueing the next, so 16 KiB batches cost a round trip every ~10 profiles
         producer_max_batch_size=PRODUCER_BATCH_BYTES,
+        # faust restores nothing (`skip_faust_recovery`): offsets it persisted in older tables are not a fault
+        recovery_consistency_check=False,
     )
     wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
-    fix_recovery_highwaters()
+    skip_faust_recovery()
     # subscribed (and co-partitioned with the tables) through faust; read by the stitch task, not an agent
     app.topics.add(app.topic(*raw_names, internal, key_type=bytes, value_type=bytes))
     tables: dict[TableName, TableT[bytes, bytes]] = {
@@ -205,6 +207,8 @@ def create_app(
     changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
     states: dict[int, PartitionState] = {}
     txns = PartitionTransactions(app, internal, settings.bootstrap, on_rebalance=states.clear)
+    restorer = ChangelogRestorer(settings.bootstrap)
+    restored_generation = -1  # the consumer generation whose assigned partitions' tables are restored
 
     def state_for(partition: int) -> PartitionState:
         state = states.get(partition)
@@ -237,6 +241,12 @@ def create_app(
                 if not stitching_allowed():
                     await asyncio.sleep(RECOVERY_POLL_SECONDS)
                     continue
+                if generation != app.consumer_generation_id:
+                    metrics.REDELIVERED_TOTAL.inc(len(records))
+                    break
+                if restored_generation != generation:
+                    await restore_tables(generation)
+                    continue
                 async with txns.lock:
                     if txns.closing:
                         return
@@ -253,6 +263,30 @@ def create_app(
                     break
 
     app.task(stitch)
+
+    async def restore_tables(generation: int) -> None:
+        """Bring the tables of every partition this generation assigned up to their changelogs' ends.
+
+        Outside the batch lock: a rebalance meanwhile leaves the databases consistent (each write batch holds
+        its rows and the offset they reach), and the next generation restores again from there.
+        """
+        nonlocal restored_generation
+        partitions = sorted({tp.partition for tp in app.consumer.assignment() if tp.topic == internal})
+        databases = {
+            (changelogs[table], partition): _TableRows(tables, partition).database(table)
+            for table in TABLES
+            for partition in partitions
+        }
+        began = time.perf_counter()
+        try:
+            applied = await asyncio.to_thread(restorer.restore, databases)
+        except Exception as exc:
+            fatal(f"table restore failed, exiting so it starts over: {exc!r}")
+        seconds = time.perf_counter() - began
+        metrics.RESTORE_SECONDS.observe(seconds)
+        log.info("restored %d changelog records for partitions %s in %.2f s", applied, partitions, seconds)
+        if app.consumer_generation_id == generation:
+            restored_generation = generation
 
     async def _process(batch: Sequence[Record]) -> None:
         # ((topic, p) → its records in offset order); a record of a partition we no longer own is skipped (its

@@ -1,0 +1,122 @@
+"""Table rows restored from their changelogs by the worker itself, before the first batch of a generation.
+
+faust's table recovery cannot be trusted across rebalances (docs/faust-notes.md §12): it applies records of
+a partition revoked mid-restore and marks them restored, and its "aborted transaction" shortcut can end a
+restore it never did, so a partition came back with rows missing or stale under a persisted offset that
+claimed otherwise. So faust restores nothing (`skip_faust_recovery`), and `ChangelogRestorer` brings every
+assigned partition's databases up to the end of its changelogs itself, reading `read_committed` from the
+offset it last restored to (kept in the database, written in the same batch as the rows).
+
+Why starting there is enough: a database holds the changelog up to that offset, plus rows this worker wrote
+itself in batches that committed (a batch that did not commit ends the process, and the next start wipes the
+tables). Every later changelog record, its own or another owner's, is applied again in order, so the rows end
+equal to the changelog's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from rocksdict import WriteBatch
+
+__all__ = ["RESTORED_OFFSET_KEY", "ChangelogRestorer", "skip_faust_recovery"]
+
+log = logging.getLogger(__name__)
+
+# Offset of the last changelog record applied to a database by a restore (a decimal string).
+RESTORED_OFFSET_KEY = b"__omnistitch\x00restored__"
+# Records per RocksDB write batch (each batch also moves the restored offset).
+WRITE_BATCH_RECORDS = 5_000
+# A restore that has not reached every changelog end by then fails the worker (state is rebuilt on restart).
+RESTORE_TIMEOUT_SECONDS = 600.0
+
+
+def skip_faust_recovery() -> None:
+    """Make faust's recovery see every changelog as empty, so it neither restores nor waits for anything.
+
+    Process-wide and idempotent. Changelog partitions then stay paused and faust applies nothing to the
+    tables of active partitions; `ChangelogRestorer` does the restoring.
+    """
+
+    async def empty_changelogs(self: Any, partitions: list[Any]) -> Mapping[Any, int]:
+        return dict.fromkeys(partitions, 0)
+
+    AIOKafkaConsumerThread._highwaters = empty_changelogs  # type: ignore[method-assign]
+
+
+class ChangelogRestorer:
+    """Applies changelog records to RocksDB databases, each from where its last restore ended to the end."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+
+    def restore(self, databases: Mapping[tuple[str, int], Any]) -> int:
+        """Bring each database, keyed by (changelog topic, partition), up to its changelog's end; blocking.
+
+        Returns the number of records applied. The producers of these partitions must have been started (so
+        fenced) by the current owner: then nothing is left in flight, and the end read is final.
+        """
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self._bootstrap,
+                "group.id": f"omnistitch-restore-{uuid.uuid4().hex}",  # assigned, never joins or commits
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 20,  # the end is what a restore waits for: empty fetches return at once
+            }
+        )
+        applied = 0
+        pending: dict[tuple[str, int], tuple[Any, WriteBatch, int]] = {}
+        try:
+            assignment = []
+            for (topic, partition), db in databases.items():
+                restored = db.get(RESTORED_OFFSET_KEY)
+                start = int(restored) + 1 if restored is not None else OFFSET_BEGINNING
+                assignment.append(TopicPartition(topic, partition, start))
+                pending[(topic, partition)] = (db, WriteBatch(raw_mode=True), -1)
+            consumer.assign(assignment)
+            deadline = time.monotonic() + RESTORE_TIMEOUT_SECONDS
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"changelogs not read to the end: {sorted(pending)}")
+                for message in consumer.consume(WRITE_BATCH_RECORDS, timeout=0.05):
+                    key = (message.topic(), message.partition())
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            raise KafkaException(error)
+                        if key in pending:
+                            self._write(*pending.pop(key))
+                        continue
+                    if key not in pending:
+                        continue  # a record fetched before this partition's end was reached and written
+                    db, batch, _ = pending[key]
+                    row_key, value, offset = message.key() or b"", message.value(), message.offset() or 0
+                    if value is None:
+                        batch.delete(row_key)
+                    else:
+                        batch.put(row_key, value)
+                    applied += 1
+                    pending[key] = (db, batch, offset)
+                    if len(batch) >= WRITE_BATCH_RECORDS:
+                        self._write(db, batch, offset)
+                        pending[key] = (db, WriteBatch(raw_mode=True), -1)
+        finally:
+            consumer.close()
+        return applied
+
+    @staticmethod
+    def _write(db: Any, batch: WriteBatch, last_offset: int) -> None:
+        """Write the rows and the offset they reach in one atomic batch (nothing when nothing was read)."""
+        if last_offset < 0:
+            return
+        batch.put(RESTORED_OFFSET_KEY, str(last_offset).encode())
+        db.write(batch)
