@@ -97,7 +97,7 @@ class ChangelogRestorer:
                             self._write(*pending.pop(key))
                         continue
                     if key not in pending:
-                        continue  # a record fetched before this partition's end was reached and written
+                        continue  # written after its partition's end was reached: the next restore reads it
                     db, batch, _ = pending[key]
                     row_key, value, offset = message.key() or b"", message.value(), message.offset() or 0
                     if value is None:
