@@ -10,7 +10,8 @@ offset it last restored to (kept in the database, written in the same batch as t
 Why starting there is enough: a database holds the changelog up to that offset, plus rows this worker wrote
 itself in batches that committed (a batch that did not commit ends the process, and the next start wipes the
 tables). Every later changelog record, its own or another owner's, is applied again in order, so the rows end
-equal to the changelog's.
+equal to the changelog's. After each committed batch the worker moves the offset past its own rows
+(`record_restored_offset`), so a partition that stays with it is not read again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from rocksdict import WriteBatch
 
-__all__ = ["RESTORED_OFFSET_KEY", "ChangelogRestorer", "skip_faust_recovery"]
+__all__ = ["RESTORED_OFFSET_KEY", "ChangelogRestorer", "record_restored_offset", "skip_faust_recovery"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ def skip_faust_recovery() -> None:
         return dict.fromkeys(partitions, 0)
 
     AIOKafkaConsumerThread._highwaters = empty_changelogs  # type: ignore[method-assign]
+
+
+def record_restored_offset(db: Any, offset: int) -> None:
+    """Note that `db` holds its changelog up to `offset`: once a batch whose last row there is at `offset` has
+    committed (the owner is the changelog partition's only writer, so nothing else lies before it)."""
+    db.put(RESTORED_OFFSET_KEY, str(offset).encode())
 
 
 class ChangelogRestorer:

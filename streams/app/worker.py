@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,7 +47,7 @@ from streams.app.protocol import (
     handle,
     ingest,
 )
-from streams.app.restore import ChangelogRestorer, skip_faust_recovery
+from streams.app.restore import ChangelogRestorer, record_restored_offset, skip_faust_recovery
 from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
@@ -103,14 +103,19 @@ class _Batch:
     one coroutine per batch instead of one per record (aiokafka's per-record `send` dominated the profile).
     """
 
-    def __init__(self, partition: int, partitions: int, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self, partition: int, partitions: int, producer: AIOKafkaProducer, changelogs: Collection[str]
+    ) -> None:
         self.partition = partition
         self.partitions = partitions
         self.producer = producer
         self.effects = Effects()
         self.offsets: dict[tuple[str, int], int] = {}
-        self.deliveries: list[Awaitable[Any]] = []
+        self.deliveries: list[asyncio.Future[Any]] = []
         self._records: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
+        self._changelogs = changelogs
+        # (changelog, delivery, records in it): where the batch's rows landed, once it has committed
+        self._row_deliveries: list[tuple[str, asyncio.Future[Any], int]] = []
 
     def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue one record; `partition=None` places it by its key like Kafka's default partitioner."""
@@ -127,14 +132,28 @@ class _Batch:
                 if batch.append(key=key, value=value, timestamp=None) is not None:
                     continue
                 if batch.record_count():
-                    self.deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+                    self._sent(topic, await producer.send_batch(batch, topic, partition=partition), batch)
                     batch = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:  # larger than a batch
-                    self.deliveries.append(await producer.send(topic, value, key, partition=partition))
+                    self._sent(topic, await producer.send(topic, value, key, partition=partition), None)
                     batch = producer.create_batch()
             if batch.record_count():
-                self.deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+                self._sent(topic, await producer.send_batch(batch, topic, partition=partition), batch)
         self._records.clear()
+
+    def _sent(self, topic: str, delivery: asyncio.Future[Any], batch: Any) -> None:
+        self.deliveries.append(delivery)
+        if topic in self._changelogs:
+            self._row_deliveries.append((topic, delivery, 1 if batch is None else batch.record_count()))
+
+    def last_row_offsets(self) -> dict[str, int]:
+        """Each changelog's offset of the last row this batch wrote (its deliveries have completed)."""
+        last: dict[str, int] = {}
+        for topic, delivery, records in self._row_deliveries:
+            # a batch's delivery reports its first record's offset, a single record's its own
+            offset = delivery.result().offset + records - 1
+            last[topic] = max(offset, last.get(topic, -1))
+        return last
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -205,6 +224,7 @@ def create_app(
     }
     guard_recovery_buffers(app, tables.values())
     changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
+    table_of = {changelog: name for name, changelog in changelogs.items()}
     states: dict[int, PartitionState] = {}
     txns = PartitionTransactions(app, internal, settings.bootstrap, on_rebalance=states.clear)
     restorer = ChangelogRestorer(settings.bootstrap)
@@ -314,7 +334,7 @@ def create_app(
             producer = txns.producer(partition)
             if producer is None:
                 fatal(f"partition {partition} is assigned but has no transactional producer")
-            part = _Batch(partition, n, cast(AIOKafkaProducer, producer))
+            part = _Batch(partition, n, cast(AIOKafkaProducer, producer), table_of)
             state = state_for(partition)
             for record in group:
                 _handle(state, part, record, now_ms)
@@ -326,6 +346,10 @@ def create_app(
         # all partitions' records are in flight: commit them side by side (one round trip, not one each)
         await asyncio.gather(*(txns.commit(part.producer, part.deliveries, part.offsets) for part in work))
         txns.end_batch()
+        for part in work:
+            rows = _TableRows(tables, part.partition)
+            for changelog, offset in part.last_row_offsets().items():
+                record_restored_offset(rows.database(table_of[changelog]), offset)
         metrics.BATCH_SECONDS.labels("commit").observe(time.perf_counter() - handled)
 
     def _handle(state: PartitionState, part: _Batch, record: Record, now_ms: int) -> None:

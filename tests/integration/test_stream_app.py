@@ -10,7 +10,9 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
+from rocksdict import AccessType, Options, Rdict
 
+from streams.app.restore import RESTORED_OFFSET_KEY
 from streams.evaluate import assignments_from_resolved, read_topic_to_end
 from streams.topic_reader import read_to_end as read_topic
 from tests.integration.workers import Worker, topic_values, wait_for
@@ -206,3 +208,34 @@ def test_hashing_keeps_raw_phones_and_emails_out_of_tables_and_topics(
         for message in read_topic(kafka_bootstrap, topic):
             blob = (message.key() or b"") + (message.value() or b"")
             assert not [s for s in secrets if s in blob], topic
+
+
+def test_tables_record_how_far_they_hold_their_changelogs_so_a_restart_reads_nothing_again(
+    start_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    worker = start_worker()
+    run = uuid.uuid4().hex[:10]
+    _resolve_all(kafka_bootstrap, _kolya(run))
+    worker.stop()
+
+    last_row: dict[tuple[str, int], int] = {}
+    for table in ("ids", "profiles"):
+        for message in read_topic(kafka_bootstrap, f"{worker.app_id}-{table}-changelog"):
+            last_row[(table, message.partition())] = max(
+                message.offset(), last_row.get((table, message.partition()), -1)
+            )
+    assert last_row, "the worker wrote no table rows"
+    for (table, partition), offset in last_row.items():
+        db = Rdict(
+            str(worker.data_dir / "v1" / "tables" / f"{table}-{partition}.db"),
+            options=Options(raw_mode=True),
+            access_type=AccessType.read_only(),
+        )
+        try:
+            assert db.get(RESTORED_OFFSET_KEY) == str(offset).encode(), (table, partition)
+        finally:
+            db.close()
+
+    again = start_worker(app_id=worker.app_id, data_dir=worker.data_dir)
+    _resolve_all(kafka_bootstrap, _kolya(uuid.uuid4().hex[:10]))  # a batch, so the restore has run
+    assert "restored 0 changelog records" in again.log.read_text()
