@@ -21,8 +21,7 @@ on every rebalance, table recovery from changelogs read `read_committed`) and ta
 5. tables are restored by the worker (`streams/app/restore.py`), not by faust's recovery, which restored
    nothing under exactly-once (it read changelog ends from a cached offset, -1 for a partition just assigned)
    and, around rebalances, marked rows restored that it had not restored (docs/faust-notes.md §12);
-6. faust's recovery loop, which still runs for standby replicas, applies changelog records only to the
-   partitions it tracks (`guard_recovery_buffers`): it applied the late records of a revoked partition.
+   faust's recovery loop runs for standby replicas only (`confine_faust_recovery_to_standbys`).
 """
 
 from __future__ import annotations
@@ -34,21 +33,20 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from faust.types import TP, ConsumerT, TableT
+from faust.types import TP, ConsumerT
 
 __all__ = [
     "CLEAN_STOP_MARKER",
     "Admission",
     "InputPositions",
     "PartitionTransactions",
-    "guard_recovery_buffers",
     "mark_clean_stop",
     "wipe_tables_after_unclean_stop",
 ]
@@ -247,36 +245,6 @@ class PartitionTransactions:
             fatal(f"transaction failed, exiting so the state is rebuilt from the changelogs: {exc!r}")
 
 
-class TrackedChangelogBuffer(list[Any]):
-    """faust's recovery buffer of one table that takes only records of the partitions recovery tracks.
-
-    faust 0.15.3's `Recovery._slurp_changelogs` logs "recovery unknown topic" for a changelog record of a
-    partition that is neither active nor standby here (one revoked while its records were in flight), then
-    carries on with the *previous* record's table: it buffers the record and applies it, which reopens the
-    revoked partition's RocksDB and sets its persisted offset to that record's. When the partition comes
-    back, recovery resumes from there, and every row between what the interrupted recovery had restored and
-    that offset stays stale (docs/faust-notes.md §12): a profile lost orders, a lock waited forever.
-    """
-
-    def __init__(self, recovery: Any, changelog_topic: str) -> None:
-        super().__init__()
-        self._recovery = recovery
-        self._topic = changelog_topic
-
-    def append(self, event: Any) -> None:
-        tp = event.message.tp
-        recovery = self._recovery
-        if tp.topic == self._topic and (tp in recovery.active_tps or tp in recovery.standby_tps):
-            super().append(event)
-
-
-def guard_recovery_buffers(app: faust.App, tables: Iterable[TableT[Any, Any]]) -> None:
-    """Give each table's recovery a `TrackedChangelogBuffer`; before the worker starts (faust keeps them)."""
-    recovery: Any = cast(Any, app.tables).recovery
-    for table in tables:
-        recovery.buffers[table] = TrackedChangelogBuffer(recovery, table.changelog_topic.get_topic_name())
-
-
 def fatal(reason: str) -> NoReturn:
     """Leave now: no shutdown hooks, no clean-stop marker, nothing half-committed survives in local state."""
     log.critical(reason)
@@ -288,7 +256,7 @@ def wipe_tables_after_unclean_stop(data_dir: Path, tabledir: Path) -> bool:
     """Drop local table state unless the last stop was clean; returns whether it wiped.
 
     After a crash RocksDB may hold rows of a batch whose transaction never committed; the changelogs hold
-    exactly the committed rows, and faust restores tables from them when the partitions are assigned.
+    exactly the committed rows, and the worker restores tables from them (`streams/app/restore.py`).
     """
     marker = data_dir / CLEAN_STOP_MARKER
     clean = marker.exists()

@@ -47,13 +47,17 @@ from streams.app.protocol import (
     handle,
     ingest,
 )
-from streams.app.restore import ChangelogRestorer, record_restored_offset, skip_faust_recovery
+from streams.app.restore import (
+    ChangelogRestorer,
+    confine_faust_recovery_to_standbys,
+    record_restored_offset,
+    skip_faust_recovery,
+)
 from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
     PartitionTransactions,
     fatal,
-    guard_recovery_buffers,
     wipe_tables_after_unclean_stop,
 )
 from streams.config import AppSettings
@@ -222,7 +226,7 @@ def create_app(
     tables: dict[TableName, TableT[bytes, bytes]] = {
         name: app.Table(name, partitions=n, key_type=bytes, value_type=bytes) for name in TABLES
     }
-    guard_recovery_buffers(app, tables.values())
+    confine_faust_recovery_to_standbys(app, tables.values())
     changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
     table_of = {changelog: name for name, changelog in changelogs.items()}
     states: dict[int, PartitionState] = {}
