@@ -5,9 +5,9 @@ faust's fetch loop hands every record to its conductor on its own: a `Message` o
 worker that was a quarter of its CPU, more than validating the events (docs/faust-notes.md §10). For the
 input topics we keep faust's fetch (`_wait_next_records`: flow control, partitions paused during recovery
 and rebalances, all as before), then pass the fetch's input records to an `Inbox` in one call. Records of
-other topics (table changelogs during recovery, standbys) still take faust's per-record path, with its
-read-offset filter, which the tables need. Whether the input records a batch takes are contiguous is proven
-by `transactions.InputPositions`, whatever the fetch delivers.
+other topics (the changelogs of standby replicas) still take faust's per-record path, with its read-offset
+filter, up to the next rebalance. Whether the input records a batch takes are contiguous is proven by
+`transactions.InputPositions`, whatever the fetch delivers.
 """
 
 from __future__ import annotations

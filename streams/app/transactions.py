@@ -4,7 +4,7 @@ faust's own exactly-once is broken in ways docs/faust-notes.md reproduces: recor
 their *destination* partition (or none), its timer commits acked offsets in the middle of a batch, commit
 errors are logged and swallowed, and local RocksDB keeps writes of aborted transactions. We keep what works
 (group membership, co-partitioned assignment, one transactional producer per partition started and fenced
-on every rebalance, table recovery from changelogs read `read_committed`) and take over the rest:
+on every rebalance, the tables' RocksDB databases) and take over the rest:
 
 1. faust's offset commit is disabled: offsets are committed *only* by `PartitionTransactions.commit`, in the
    same transaction as every record the batch produced (outputs, envelopes, DLQ, table changelogs);
