@@ -16,7 +16,6 @@ equal to the changelog's. After each committed batch the worker moves the offset
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -37,9 +36,7 @@ __all__ = [
     "skip_faust_recovery",
 ]
 
-log = logging.getLogger(__name__)
-
-# Offset of the last changelog record applied to a database by a restore (a decimal string).
+# The offset up to which a database holds its changelog (a decimal string), set by restores and batches.
 RESTORED_OFFSET_KEY = b"__omnistitch\x00restored__"
 # Records per RocksDB write batch (each batch also moves the restored offset).
 WRITE_BATCH_RECORDS = 5_000
