@@ -1,56 +1,69 @@
-"""Reading a topic to its current end as a downstream consumer would (read_committed): CLI and tests."""
+"""Reading topics to their current end as a downstream consumer would (read_committed): CLI, worker, tests."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-__all__ = ["TopicNotFound", "read_to_end"]
+__all__ = ["TopicNotFound", "committed_messages", "read_to_end"]
 
 
 class TopicNotFound(LookupError):
     """The topic does not exist on the cluster (a typo, or the app never created it)."""
 
 
-def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:
-    """Every committed message of `topic` up to the end it has now, by partition; no offsets kept."""
+def committed_messages(
+    bootstrap: str, starts: Mapping[tuple[str, int], int], timeout: float
+) -> Iterator[Message]:
+    """Committed messages of each (topic, partition) from its start offset to the end it has now.
+
+    In offset order per partition. The end is librdkafka's partition EOF, which a `read_committed` consumer
+    reaches past trailing transaction markers and aborted records. Raises TimeoutError when some partition has
+    not reached its end after `timeout` seconds.
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"omnistitch-reader-{uuid.uuid4().hex[:8]}",
+            "group.id": f"omnistitch-reader-{uuid.uuid4().hex}",  # assigned, never joins or commits
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 20,  # the end is what a reader waits for: empty fetches return at once
         }
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise TopicNotFound(f"topic {topic!r} not found on {bootstrap}")
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in metadata.partitions
-        }
-        pending = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
-        messages: list[Message] = []
+        consumer.assign(
+            [TopicPartition(topic, partition, start) for (topic, partition), start in starts.items()]
+        )
+        pending = set(starts)
         deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                # under read_committed the end may be a transaction marker: done once the position passes it
-                for tp in consumer.position([TopicPartition(topic, p) for p in list(pending)]):
-                    if tp.offset >= ends[tp.partition]:
-                        pending.discard(tp.partition)
-                continue
-            if msg.error():
-                continue
-            messages.append(msg)
-            if (msg.offset() or 0) + 1 >= ends[msg.partition()]:
-                pending.discard(msg.partition())
-        if pending:
-            raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to the end in {timeout}s")
-        return messages
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"partitions {sorted(pending)} not read to the end in {timeout}s")
+            for message in consumer.consume(1000, timeout=0.05):
+                key = (message.topic() or "", message.partition() or 0)
+                error = message.error()
+                if error is None:
+                    if key in pending:  # past its end: written since, not asked for
+                        yield message
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(key)
+                elif error.fatal():
+                    raise KafkaException(error)
+                # other errors are transient: librdkafka retries by itself
     finally:
         consumer.close()
+
+
+def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:
+    """Every committed message of `topic` up to the end it has now, by partition; no offsets kept."""
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        raise TopicNotFound(f"topic {topic!r} not found on {bootstrap}")
+    starts = dict.fromkeys(((topic, partition) for partition in metadata.partitions), OFFSET_BEGINNING)
+    return list(committed_messages(bootstrap, starts, timeout))

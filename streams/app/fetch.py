@@ -41,9 +41,9 @@ class Inbox:
     (fewer transactions per event). Under light load a batch still waits until its oldest record is `linger`
     seconds old: every batch costs a transaction per partition, in the worker and in the broker.
 
-    The fetch must not wait while `may_overflow()` holds: during a rebalance and table recovery the stitcher
-    takes nothing, and recovery needs the same fetch loop to deliver the changelogs. Faust pauses the input
-    partitions meanwhile, so at most the fetches already in flight pile up.
+    The fetch must not wait while `may_overflow()` holds: during a rebalance the stitcher takes nothing, and
+    faust's rebalance steps (and standby replicas) need the same fetch loop to keep polling. Faust pauses the
+    input partitions meanwhile, so at most the fetches already in flight pile up.
 
     Records carry the consumer generation current when their fetch returned. Records of an older generation
     are dropped as soon as newer ones arrive: after a rebalance every assigned partition is read again from

@@ -16,16 +16,16 @@ equal to the changelog's. After each committed batch the worker moves the offset
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import faust
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TableT
 from rocksdict import WriteBatch
+
+from streams.topic_reader import committed_messages
 
 __all__ = [
     "RESTORED_OFFSET_KEY",
@@ -102,55 +102,28 @@ class ChangelogRestorer:
         Returns the number of records applied. The producers of these partitions must have been started (so
         fenced) by the current owner: then nothing is left in flight, and the end read is final.
         """
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self._bootstrap,
-                "group.id": f"omnistitch-restore-{uuid.uuid4().hex}",  # assigned, never joins or commits
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 20,  # the end is what a restore waits for: empty fetches return at once
-            }
-        )
+        starts: dict[tuple[str, int], int] = {}
+        pending: dict[tuple[str, int], tuple[WriteBatch, int]] = {}
+        for key, db in databases.items():
+            restored = db.get(RESTORED_OFFSET_KEY)
+            starts[key] = int(restored) + 1 if restored is not None else OFFSET_BEGINNING
+            pending[key] = (WriteBatch(raw_mode=True), -1)
         applied = 0
-        pending: dict[tuple[str, int], tuple[Any, WriteBatch, int]] = {}
-        try:
-            assignment = []
-            for (topic, partition), db in databases.items():
-                restored = db.get(RESTORED_OFFSET_KEY)
-                start = int(restored) + 1 if restored is not None else OFFSET_BEGINNING
-                assignment.append(TopicPartition(topic, partition, start))
-                pending[(topic, partition)] = (db, WriteBatch(raw_mode=True), -1)
-            consumer.assign(assignment)
-            deadline = time.monotonic() + RESTORE_TIMEOUT_SECONDS
-            while pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"changelogs not read to the end: {sorted(pending)}")
-                for message in consumer.consume(WRITE_BATCH_RECORDS, timeout=0.05):
-                    key = (message.topic(), message.partition())
-                    error = message.error()
-                    if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
-                            raise KafkaException(error)
-                        if key in pending:
-                            self._write(*pending.pop(key))
-                        continue
-                    if key not in pending:
-                        continue  # written after its partition's end was reached: the next restore reads it
-                    db, batch, _ = pending[key]
-                    row_key, value, offset = message.key() or b"", message.value(), message.offset() or 0
-                    if value is None:
-                        batch.delete(row_key)
-                    else:
-                        batch.put(row_key, value)
-                    applied += 1
-                    pending[key] = (db, batch, offset)
-                    if len(batch) >= WRITE_BATCH_RECORDS:
-                        self._write(db, batch, offset)
-                        pending[key] = (db, WriteBatch(raw_mode=True), -1)
-        finally:
-            consumer.close()
+        for message in committed_messages(self._bootstrap, starts, RESTORE_TIMEOUT_SECONDS):
+            key = (message.topic() or "", message.partition() or 0)
+            batch, _ = pending[key]
+            row_key, value, offset = message.key() or b"", message.value(), message.offset() or 0
+            if value is None:
+                batch.delete(row_key)
+            else:
+                batch.put(row_key, value)
+            applied += 1
+            pending[key] = (batch, offset)
+            if len(batch) >= WRITE_BATCH_RECORDS:
+                self._write(databases[key], batch, offset)
+                pending[key] = (WriteBatch(raw_mode=True), -1)
+        for key, (batch, offset) in pending.items():
+            self._write(databases[key], batch, offset)
         return applied
 
     @staticmethod

@@ -73,7 +73,7 @@ __all__ = ["TABLES", "create_app"]
 
 log = logging.getLogger(__name__)
 
-# How often a batch waiting for table recovery to end looks again.
+# How often a batch waiting for faust's rebalance steps to end looks again.
 RECOVERY_POLL_SECONDS = 0.05
 # Hot rows per partition (two generations): most events touch profiles seen moments ago.
 CACHE_ROWS_PER_PARTITION = 20_000
@@ -244,11 +244,11 @@ def create_app(
         return state
 
     def stitching_allowed() -> bool:
-        """Not from a revocation (flow control suspended) until the assigned partitions' tables are recovered.
+        """Not from a revocation (flow control suspended) until faust's rebalance steps have ended.
 
-        A batch begun after a revocation would commit through a producer the new owner is about to fence, and
-        one during recovery would read and write rows that recovery is still overwriting from the changelog.
-        faust resumes flow control *before* it restores tables, hence both conditions.
+        A batch begun after a revocation would commit through a producer the new owner is about to fence.
+        faust resumes flow control *before* its recovery step ends, hence both conditions. The tables are
+        restored after that, by the stitch task (`restore_tables`).
         """
         return app.flow_control.is_active() and not app.in_recovery
 
@@ -265,11 +265,8 @@ def create_app(
                 if not stitching_allowed():
                     await asyncio.sleep(RECOVERY_POLL_SECONDS)
                     continue
-                if generation != app.consumer_generation_id:
-                    metrics.REDELIVERED_TOTAL.inc(len(records))
-                    break
-                if restored_generation != generation:
-                    await restore_tables(generation)
+                if restored_generation != app.consumer_generation_id:
+                    await restore_tables()
                     continue
                 async with txns.lock:
                     if txns.closing:
@@ -279,6 +276,8 @@ def create_app(
                     if generation != app.consumer_generation_id:
                         metrics.REDELIVERED_TOTAL.inc(len(records))
                         break
+                    if restored_generation != generation:  # a rebalance came and went meanwhile
+                        continue
                     try:
                         await _process(records)
                     except Exception as exc:  # a bug, not input (that goes to the DLQ)
@@ -288,13 +287,14 @@ def create_app(
 
     app.task(stitch)
 
-    async def restore_tables(generation: int) -> None:
-        """Bring the tables of every partition this generation assigned up to their changelogs' ends.
+    async def restore_tables() -> None:
+        """Bring the tables of every partition the current generation assigned up to their changelogs' ends.
 
         Outside the batch lock: a rebalance meanwhile leaves the databases consistent (each write batch holds
         its rows and the offset they reach), and the next generation restores again from there.
         """
         nonlocal restored_generation
+        generation = app.consumer_generation_id
         partitions = sorted({tp.partition for tp in app.consumer.assignment() if tp.topic == internal})
         databases = {
             (changelogs[table], partition): _TableRows(tables, partition).database(table)
