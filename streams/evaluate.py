@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from streams.core.rules import RULE_GENERIC
+from streams.core.rules import RULE_GENERIC, RULE_SHARED
 from streams.topic_reader import TopicNotFound, read_to_end
 
 __all__ = [
@@ -39,6 +39,8 @@ __all__ = [
     "score",
 ]
 
+# refusal rules that mark a value as no longer linking: events it anchored are unattributed, as in the replay
+_STOPS_LINKING = frozenset({RULE_GENERIC, RULE_SHARED})
 _SINGLETON = "\x00"  # prefix of the synthetic label of an unassigned event: never equal to a real profile id
 
 
@@ -170,16 +172,16 @@ def assignments_from_resolved(
     A resolved event carries the profile it joined *at resolve time*; later merges move it on. `changes`
     are `identity.changes` records: a `profiles_merged` record says each id in `merged` was folded into its
     `survivor`, and the chain is followed to its end (cycles are cut). An event whose `anchor` was later found
-    generic (a `merge_refused` record with rule `generic_value`) is unattributed, as in the replay. The last
-    resolved record of an event wins (at-least-once delivery may repeat one). Limitation: a later *split*
-    moves some identifiers to a new profile, which this chain cannot tell per event; after splits, prefer
-    the offline replay's assignments.
+    generic or shared (a `merge_refused` record with rule `generic_value` or `shared_device`) is unattributed,
+    as in the replay. The last resolved record of an event wins (at-least-once delivery may repeat one).
+    Limitation: a later *split* moves some identifiers to a new profile, which this chain cannot tell per
+    event; after splits, prefer the offline replay's assignments.
     """
     merged_into: dict[str, str] = {}
     generic: set[str] = set()
     for change in changes:
         kind = change.get("kind")
-        if kind == "merge_refused" and change.get("rule") == RULE_GENERIC:
+        if kind == "merge_refused" and change.get("rule") in _STOPS_LINKING:
             generic.update(change.get("identifiers") or ())
         if kind != "profiles_merged":
             continue

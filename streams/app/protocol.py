@@ -28,8 +28,18 @@ import orjson
 from streams.core import ChangeKind, IdentityChange, ProfileState, Refusal, Rules, check_attach, check_merge
 from streams.core.graph import ERASE_TYPE
 from streams.core.ids import derive_profile_id
-from streams.core.rules import RULE_GENERIC
-from streams.core.state import ACTIVE, ERASED, MERGED, R_LAST, R_VERIFIED, IdentRecord, neighbour_code
+from streams.core.rules import RULE_GENERIC, RULE_SHARED
+from streams.core.state import (
+    ACTIVE,
+    ERASED,
+    MERGED,
+    R_LAST,
+    R_VERIFIED,
+    IdentRecord,
+    count_people,
+    neighbour_code,
+    people_code,
+)
 from streams.events import Identifier, NormalizedEvent
 from streams.produce import murmur2_partition
 
@@ -146,7 +156,7 @@ class Apply:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """CAS `ids[key].p := pid`; `side` = pid's bridge, `others` = the event's other keys; `note`: held."""
+    """CAS `ids[key].p := pid`; `side` = pid's bridge, `others` = the event's other ids; `note`: held."""
 
     TAG: ClassVar[int] = 3
     pid: str
@@ -154,7 +164,7 @@ class Claim:
     ev_id: str
     at: int
     side: tuple[Identifier, ...]
-    others: tuple[str, ...]
+    others: tuple[Identifier, ...]
     note: bool = False
     fresh: bool = False
 
@@ -186,11 +196,12 @@ class ClaimTaken:
     ident: Identifier
     corr: bool = False
     note: bool = False
+    others: tuple[Identifier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimGeneric:
-    """The value is generic (shared): it stops linking; `newly` = this claim made it so."""
+    """The value stops linking; `newly` = this message made it so: `rule` generic, or shared at `other`."""
 
     TAG: ClassVar[int] = 6
     pid: str
@@ -199,11 +210,13 @@ class ClaimGeneric:
     at: int
     newly: bool
     note: bool = False
+    rule: str = RULE_GENERIC
+    other: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MergeAsk:
-    """At `home(loser)`: lock and ship state to `winner` (winner < loser)."""
+    """At `home(loser)`: lock and ship state to `winner` (winner < loser); `others`: the event's other ids."""
 
     TAG: ClassVar[int] = 7
     loser: str
@@ -213,6 +226,7 @@ class MergeAsk:
     ev_id: str
     at: int
     corr: bool
+    others: tuple[Identifier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +242,7 @@ class MergeOffer:
     ev_id: str
     at: int
     corr: bool
+    others: tuple[Identifier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +294,21 @@ class Erase:
     at: int
 
 
+@dataclass(frozen=True, slots=True)
+class WeakSeen:
+    """At `part(key)`: the weak value stayed in `owner` while the event's person identifiers are in `person`.
+
+    One more person seen with it (the core's shared-device detection); past the limit it is marked shared.
+    """
+
+    TAG: ClassVar[int] = 14
+    key: str
+    owner: str
+    person: str
+    ev_id: str
+    at: int
+
+
 Msg = (
     Route
     | Apply
@@ -293,6 +323,7 @@ Msg = (
     | Repoint
     | Release
     | Erase
+    | WeakSeen
 )
 _PROFILE_MSGS = (Apply, ClaimOk, ClaimTaken, ClaimGeneric, MergeAsk, MergeOffer, MergeDone, MergeNo, Erase)
 
@@ -317,6 +348,7 @@ _DESTINATIONS: dict[type, Callable[[Any, int], int]] = {
     Claim: lambda m, n: part(m.key, n),
     Repoint: lambda m, n: part(m.key, n),
     Release: lambda m, n: part(m.key, n),
+    WeakSeen: lambda m, n: part(m.key, n),
 }
 
 
@@ -361,6 +393,17 @@ def _side_in(d: list[Any]) -> tuple[Identifier, ...]:
     return tuple(Identifier(t, v, bool(ver)) for t, v, ver in d)
 
 
+def _others_in(d: list[Any]) -> tuple[Identifier, ...]:
+    # 0.3.1 and older sent a claim's other identifiers as keys (their envelopes may still be queued)
+    return tuple(_key_ident(x) if isinstance(x, str) else Identifier(x[0], x[1], bool(x[2])) for x in d)
+
+
+def _key_ident(key: str) -> Identifier:
+    """An identifier known by its key only (a register's view: not verified)."""
+    type_, _, value = key.partition(":")
+    return Identifier(type_, value, False)
+
+
 def _to_obj(m: Msg) -> list[Any]:
     match m:
         case Route():
@@ -368,7 +411,17 @@ def _to_obj(m: Msg) -> list[Any]:
         case Apply():
             return [m.TAG, m.pid, _ev_out(m.ev), list(m.keys), m.fresh]
         case Claim():
-            return [m.TAG, m.pid, m.key, m.ev_id, m.at, _side_out(m.side), list(m.others), m.note, m.fresh]
+            return [
+                m.TAG,
+                m.pid,
+                m.key,
+                m.ev_id,
+                m.at,
+                _side_out(m.side),
+                _side_out(m.others),
+                m.note,
+                m.fresh,
+            ]
         case ClaimOk():
             return [m.TAG, m.pid, m.key, m.ev_id, m.at, _side_out(m.side), m.note]
         case ClaimTaken():
@@ -383,11 +436,22 @@ def _to_obj(m: Msg) -> list[Any]:
                 _side_out((m.ident,)),
                 m.corr,
                 m.note,
+                _side_out(m.others),
             ]
         case ClaimGeneric():
-            return [m.TAG, m.pid, m.key, m.ev_id, m.at, m.newly, m.note]
+            return [m.TAG, m.pid, m.key, m.ev_id, m.at, m.newly, m.note, m.rule, m.other]
         case MergeAsk():
-            return [m.TAG, m.loser, m.winner, _side_out(m.side_l), _side_out(m.side_w), m.ev_id, m.at, m.corr]
+            return [
+                m.TAG,
+                m.loser,
+                m.winner,
+                _side_out(m.side_l),
+                _side_out(m.side_w),
+                m.ev_id,
+                m.at,
+                m.corr,
+                _side_out(m.others),
+            ]
         case MergeOffer():
             return [
                 m.TAG,
@@ -399,6 +463,7 @@ def _to_obj(m: Msg) -> list[Any]:
                 m.ev_id,
                 m.at,
                 m.corr,
+                _side_out(m.others),
             ]
         case MergeDone() | MergeNo():
             return [m.TAG, m.loser, m.winner]
@@ -408,6 +473,8 @@ def _to_obj(m: Msg) -> list[Any]:
             return [m.TAG, m.key, m.pid, m.erase]
         case Erase():
             return [m.TAG, m.key, m.pid, m.ev_id, m.at]
+        case WeakSeen():
+            return [m.TAG, m.key, m.owner, m.person, m.ev_id, m.at]
 
 
 def _from_obj(d: list[Any]) -> Msg:
@@ -417,17 +484,21 @@ def _from_obj(d: list[Any]) -> Msg:
     if tag == Apply.TAG:
         return Apply(d[1], _ev_in(d[2]), tuple(d[3]), d[4])
     if tag == Claim.TAG:
-        return Claim(d[1], d[2], d[3], d[4], _side_in(d[5]), tuple(d[6]), d[7], d[8])
+        return Claim(d[1], d[2], d[3], d[4], _side_in(d[5]), _others_in(d[6]), d[7], d[8])
     if tag == ClaimOk.TAG:
         return ClaimOk(d[1], d[2], d[3], d[4], _side_in(d[5]), d[6])
     if tag == ClaimTaken.TAG:
-        return ClaimTaken(d[1], d[2], d[3], d[4], d[5], _side_in(d[6]), _side_in(d[7])[0], d[8], d[9])
+        others = _side_in(d[10]) if len(d) > 10 else ()  # 0.3.1 and older: none
+        return ClaimTaken(d[1], d[2], d[3], d[4], d[5], _side_in(d[6]), _side_in(d[7])[0], d[8], d[9], others)
     if tag == ClaimGeneric.TAG:
-        return ClaimGeneric(d[1], d[2], d[3], d[4], d[5], d[6])
+        # 0.3.1 and older wrote no rule / other: their defaults (the last release's envelopes may be queued)
+        return ClaimGeneric(*d[1:9])
     if tag == MergeAsk.TAG:
-        return MergeAsk(d[1], d[2], _side_in(d[3]), _side_in(d[4]), d[5], d[6], d[7])
+        others = _side_in(d[8]) if len(d) > 8 else ()
+        return MergeAsk(d[1], d[2], _side_in(d[3]), _side_in(d[4]), d[5], d[6], d[7], others)
     if tag == MergeOffer.TAG:
-        return MergeOffer(d[1], d[2], d[3], _side_in(d[4]), _side_in(d[5]), d[6], d[7], d[8])
+        others = _side_in(d[9]) if len(d) > 9 else ()
+        return MergeOffer(d[1], d[2], d[3], _side_in(d[4]), _side_in(d[5]), d[6], d[7], d[8], others)
     if tag == MergeDone.TAG:
         return MergeDone(d[1], d[2])
     if tag == MergeNo.TAG:
@@ -438,6 +509,8 @@ def _from_obj(d: list[Any]) -> Msg:
         return Release(d[1], d[2], d[3])
     if tag == Erase.TAG:
         return Erase(d[1], d[2], d[3], d[4])
+    if tag == WeakSeen.TAG:
+        return WeakSeen(d[1], d[2], d[3], d[4], d[5])
     raise ValueError(f"unknown protocol message tag {tag!r}")
 
 
@@ -770,6 +843,8 @@ def _dispatch(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
             _release(ctx, m)
         case Erase() if m.pid is None:
             _erase_register(ctx, m)
+        case WeakSeen():
+            _weak_seen(ctx, m)
         case _:
             _at_profile(ctx, m, from_queue=from_queue)
 
@@ -830,9 +905,9 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
         # strong neighbours seen across a profile boundary (core's `_track_generic`, from this register's
         # point of view: a free value sees all of them, a held one those not held by its owner)
         if row.p is None:
-            src = [i.key for i in m.side] + list(m.others)
+            src = [i.key for i in m.side] + [i.key for i in m.others]
         elif row.p == m.pid:
-            src = list(m.others)
+            src = [i.key for i in m.others]
         else:
             src = [i.key for i in m.side]
         gmax = rules.generic_max
@@ -859,8 +934,8 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
     if row.p == m.pid:
         ctx.send(ClaimOk(m.pid, key, m.ev_id, m.at, m.side, m.note))
     else:
-        ident = Identifier(_type_of(key), key.split(":", 1)[1] if ":" in key else "", False)
-        ctx.send(ClaimTaken(m.pid, key, row.p, m.ev_id, m.at, m.side, ident, corr or m.fresh, m.note))
+        ident, corr = _key_ident(key), corr or m.fresh
+        ctx.send(ClaimTaken(m.pid, key, row.p, m.ev_id, m.at, m.side, ident, corr, m.note, m.others))
 
 
 def _release(ctx: _Ctx, m: Release) -> None:
@@ -873,6 +948,22 @@ def _release(ctx: _Ctx, m: Release) -> None:
             row.g = False
             row.nb = []
         ctx.st.put_id(m.key, row)
+
+
+def _weak_seen(ctx: _Ctx, m: WeakSeen) -> None:
+    """Shared-device detection at the register (core's `_track_shared`): count the people; mark shared."""
+    row = ctx.st.get_id(m.key)
+    if row is None or row.g or row.p is None or row.p == m.person:
+        return  # unknown, already not linking, released, or one person by now
+    code = people_code(m.person)
+    if code in row.nb:
+        return
+    row.nb.append(code)
+    people = 1 + count_people(row.nb)  # the owner, and the others
+    if people > ctx.st.rules.shared_max_people:
+        row.g = True
+        ctx.send(ClaimGeneric(m.person, m.key, m.ev_id, m.at, True, True, RULE_SHARED, row.p))
+    ctx.st.put_id(m.key, row)
 
 
 def _erase_register(ctx: _Ctx, m: Erase) -> None:
@@ -980,9 +1071,11 @@ def _forward(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
         case ClaimOk():
             ctx.send(ClaimOk(into, m.key, m.ev_id, m.at, m.side, m.note))
         case ClaimTaken():
-            ctx.send(ClaimTaken(into, m.key, m.owner, m.ev_id, m.at, m.side, m.ident, m.corr, m.note))
+            ctx.send(
+                ClaimTaken(into, m.key, m.owner, m.ev_id, m.at, m.side, m.ident, m.corr, m.note, m.others)
+            )
         case ClaimGeneric():
-            ctx.send(ClaimGeneric(into, m.key, m.ev_id, m.at, m.newly, m.note))
+            ctx.send(ClaimGeneric(into, m.key, m.ev_id, m.at, m.newly, m.note, m.rule, m.other))
         case MergeAsk():
             loser, winner, side_l, side_w = into, m.winner, m.side_l, m.side_w
             if loser == winner:
@@ -990,9 +1083,9 @@ def _forward(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
                 return
             if loser < winner:
                 loser, winner, side_l, side_w = winner, loser, side_w, side_l
-            ctx.send(MergeAsk(loser, winner, side_l, side_w, m.ev_id, m.at, m.corr))
+            ctx.send(MergeAsk(loser, winner, side_l, side_w, m.ev_id, m.at, m.corr, m.others))
         case MergeOffer():
-            ctx.send(MergeOffer(into, m.loser, m.state, m.side_w, m.side_l, m.ev_id, m.at, m.corr))
+            ctx.send(MergeOffer(into, m.loser, m.state, m.side_w, m.side_l, m.ev_id, m.at, m.corr, m.others))
         case MergeDone() | MergeNo():
             ctx.fx.dropped["reply_at_stub"] += 1  # idempotent: the merge already completed
         case Erase():
@@ -1092,7 +1185,7 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
         )
     for k, bridge in claims:
         bridge_keys = {i.key for i in bridge}
-        others = tuple(x for x in m.keys if x != k and x not in bridge_keys)
+        others = tuple(_ident(ev, x) for x in m.keys if x != k and x not in bridge_keys)
         ctx.send(Claim(p.id, k, ev_id, at, bridge, others, False, m.fresh))
     # step "notes": held soft values seen with strong values from outside P feed generic detection
     if rules.tracks_neighbours and len(m.keys) > 1:
@@ -1101,7 +1194,9 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
             for k in held:
                 if _type_of(k) in rules.generic_types:
                     rest = tuple(_ident(ev, x) for x in held if x != k)
-                    ctx.send(Claim(p.id, k, ev_id, at, rest, outside, True, False))
+                    ctx.send(
+                        Claim(p.id, k, ev_id, at, rest, tuple(_ident(ev, x) for x in outside), True, False)
+                    )
     if claims:
         ctx.st.put_profile(row)
 
@@ -1123,17 +1218,17 @@ def _claim_generic(ctx: _Ctx, row: ProfileRow, m: ClaimGeneric) -> None:
     if row.cl.pop(m.key, None) is not None:
         ctx.st.put_profile(row)
     if m.newly:
+        detail = (
+            "weak value seen with person identifiers of several profiles"
+            if m.rule == RULE_SHARED
+            else "value seen with too many distinct strong identifiers"
+        )
         ctx.emit(
             row,
             ChangeKind.REFUSED,
             m.ev_id,
             m.at,
-            {
-                "rule": RULE_GENERIC,
-                "detail": "value seen with too many distinct strong identifiers",
-                "identifiers": [m.key],
-                "other_profile_id": None,
-            },
+            {"rule": m.rule, "detail": detail, "identifiers": [m.key], "other_profile_id": m.other},
         )
 
 
@@ -1150,9 +1245,9 @@ def _claim_taken(ctx: _Ctx, row: ProfileRow, m: ClaimTaken) -> None:
         return  # already one profile
     side_p, side_q = m.side, (ident,)
     if p.id > q:
-        ctx.send(MergeAsk(p.id, q, side_p, side_q, m.ev_id, m.at, m.corr))
+        ctx.send(MergeAsk(p.id, q, side_p, side_q, m.ev_id, m.at, m.corr, m.others))
     else:
-        ctx.send(MergeAsk(q, p.id, side_q, side_p, m.ev_id, m.at, m.corr))
+        ctx.send(MergeAsk(q, p.id, side_q, side_p, m.ev_id, m.at, m.corr, m.others))
 
 
 def _merge_ask(ctx: _Ctx, row: ProfileRow, m: MergeAsk) -> None:
@@ -1164,7 +1259,7 @@ def _merge_ask(ctx: _Ctx, row: ProfileRow, m: MergeAsk) -> None:
     ctx.st.put_profile(row)
     # a JSON round trip: the offer must not share mutable parts with the row (inline delivery)
     state = orjson.loads(orjson.dumps(p.to_dict(), default=_default))
-    ctx.send(MergeOffer(m.winner, p.id, state, m.side_w, m.side_l, m.ev_id, m.at, m.corr))
+    ctx.send(MergeOffer(m.winner, p.id, state, m.side_w, m.side_l, m.ev_id, m.at, m.corr, m.others))
 
 
 def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
@@ -1173,7 +1268,13 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
         ctx.send(MergeDone(m.loser, w.id))  # idempotent re-offer
         return
     loser = ProfileState.from_dict(m.state)
-    refusal = check_merge(w, loser, m.side_w, m.side_l, ctx.st.rules, m.at, corroborated=m.corr)
+    # the event's identifiers each profile holds now (both states are exact): the core judges all of an
+    # event's identifiers of the other profile together, so one unverified or weak claim alone is not the
+    # whole bridge when the same event brings more of that profile
+    event = (*m.side_w, *m.side_l, *m.others)
+    side_w = _held(w, event) or m.side_w
+    side_l = _held(loser, event) or m.side_l
+    refusal = check_merge(w, loser, side_w, side_l, ctx.st.rules, m.at, corroborated=m.corr)
     if refusal is not None:
         ctx.emit(
             row,
@@ -1183,11 +1284,14 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
             {
                 "rule": refusal.rule,
                 "detail": refusal.detail,
-                "identifiers": sorted({i.key for i in (*m.side_w, *m.side_l)}),
+                "identifiers": sorted({i.key for i in (*side_w, *side_l)}),
                 "other_profile_id": loser.id,
             },
         )
         ctx.send(MergeNo(m.loser, w.id))
+        if ctx.st.rules.shared_active:
+            _weak_sightings(ctx, w, side_w, loser.id, side_l, m.ev_id, m.at)
+            _weak_sightings(ctx, loser, side_l, w.id, side_w, m.ev_id, m.at)
         return
     moved = sorted(loser.ids)
     w.absorb(loser)
@@ -1199,11 +1303,40 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
         {
             "merged_profile_id": loser.id,
             "identifiers_moved": moved,
-            "bridge": [i.key for i in m.side_w],
-            "bridge_other": [i.key for i in m.side_l],
+            "bridge": [i.key for i in side_w],
+            "bridge_other": [i.key for i in side_l],
         },
     )
     ctx.send(MergeDone(m.loser, w.id))
+
+
+def _held(p: ProfileState, event: tuple[Identifier, ...]) -> tuple[Identifier, ...]:
+    """The event's identifiers `p` holds, once each, in the event's order."""
+    held: dict[str, Identifier] = {}
+    for ident in event:
+        if ident.key in p.ids and ident.key not in held:
+            held[ident.key] = ident
+    return tuple(held.values())
+
+
+def _weak_sightings(
+    ctx: _Ctx,
+    holder: ProfileState,
+    side: tuple[Identifier, ...],
+    person: str,
+    person_side: tuple[Identifier, ...],
+    ev_id: str,
+    at: int,
+) -> None:
+    """A refused merge leaves the event's weak values in `holder` and its person identifiers in `person`:
+    if both are people (hold person identifiers), each weak value was seen with one more person."""
+    rules = ctx.st.rules
+    ptypes = rules.shared_person_types
+    if not holder.has_type_in(ptypes) or not any(i.type in ptypes for i in person_side):
+        return
+    for ident in side:
+        if ident.type in rules.shared_types:
+            ctx.send(WeakSeen(ident.key, holder.id, person, ev_id, at))
 
 
 def _merge_done(ctx: _Ctx, row: ProfileRow, m: MergeDone) -> None:

@@ -14,7 +14,6 @@ Store layout (all keys bytes, values orjson unless said):
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,7 +34,9 @@ from streams.core.state import (
     R_VIA,
     IdentRecord,
     ProfileState,
+    count_people,
     neighbour_code,
+    people_code,
 )
 from streams.core.store import MemoryStore, Store
 from streams.events import Identifier, NormalizedEvent
@@ -80,9 +81,6 @@ class LinkResult(NamedTuple):
 _NO_CHANGES: tuple[IdentityChange, ...] = ()
 _NOTHING = LinkResult(None, _NO_CHANGES, None)
 _STATS_KEY = b"m:stats"
-# neighbour codes (R_NB) with this tag are "people" a shared-type value was seen with: crc32 of the other
-# profile's id; the tag is above the 16 bits of a type tag, so generic counts and corroboration ignore it
-_PEOPLE_TAG = 1 << 16
 _SHARED_MARK = b"s"
 
 
@@ -632,7 +630,7 @@ class IdentityGraph:
         tid = target.id
         if not any(i.type in ptypes and self._owner(k) == tid for k, i in zip(keys, idents, strict=True)):
             return
-        code = (_PEOPLE_TAG << 32) | zlib.crc32(tid.encode())
+        code = people_code(tid)
         for key, ident in zip(keys, idents, strict=True):
             if ident.type not in stypes or key in self._generic:
                 continue
@@ -651,7 +649,7 @@ class IdentityGraph:
             if code not in nb:
                 nb.append(code)
                 self._touch(other)
-            people = 1 + sum(1 for c in nb if c >> 32 == _PEOPLE_TAG)  # the owner, and the others
+            people = 1 + count_people(nb)  # the owner, and the others
             if people > rules.shared_max_people:
                 self._generic.add(key)
                 self._shared.add(key)

@@ -29,7 +29,9 @@ __all__ = [
     "R_VIA",
     "IdentRecord",
     "ProfileState",
+    "count_people",
     "neighbour_code",
+    "people_code",
 ]
 
 # Event types whose `total` counts as an order and revenue on the person's profile.
@@ -56,6 +58,22 @@ def neighbour_code(key: str) -> int:
     partitioned protocol alike, so both must compute it the same way.
     """
     return ((zlib.crc32(key.partition(":")[0].encode()) & 0xFFFF) << 32) | zlib.crc32(key.encode())
+
+
+# neighbour codes with this tag are "people" a weak value was seen with (shared-device detection): above the
+# 16 bits of a type tag, so generic counts and corroboration, which compare type tags and identifier codes,
+# never mistake one for an identifier
+_PEOPLE_TAG = 1 << 16
+
+
+def people_code(profile_id: str) -> int:
+    """A profile a weak value was seen with, as a neighbour code: the tag, crc32 of the profile id."""
+    return (_PEOPLE_TAG << 32) | zlib.crc32(profile_id.encode())
+
+
+def count_people(codes: list[int]) -> int:
+    """How many `people_code`s a neighbour list holds."""
+    return sum(1 for c in codes if c >> 32 == _PEOPLE_TAG)
 
 
 class ProfileState:

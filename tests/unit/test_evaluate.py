@@ -122,6 +122,22 @@ def test_assignments_from_resolved_unattributes_events_anchored_by_a_value_later
     assert final == {"call": None, "login": "P1"}  # as `replay --assignments` assigns them
 
 
+def test_assignments_from_resolved_unattributes_events_anchored_by_a_device_later_found_shared() -> None:
+    resolved = [
+        {"event_id": "browse", "profile_id": "P1", "anchor": "device_id:tablet"},
+        {"event_id": "login", "profile_id": "P1", "anchor": "customer_id:anna"},
+    ]
+    changes = [
+        {
+            "kind": "merge_refused",
+            "profile_id": "P2",
+            "rule": "shared_device",
+            "identifiers": ["device_id:tablet"],
+        }
+    ]
+    assert assignments_from_resolved(resolved, changes) == {"browse": None, "login": "P1"}
+
+
 def _event(event_id: str, *identifiers: tuple[str, str]) -> bytes:
     return orjson.dumps(
         {

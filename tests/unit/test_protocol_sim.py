@@ -32,6 +32,7 @@ from streams.app.protocol import (
     Release,
     Repoint,
     Route,
+    WeakSeen,
     decode_envelope,
     decode_msg,
     encode_envelope,
@@ -185,6 +186,74 @@ def test_unique_type_conflict_is_refused_and_recorded() -> None:
         assert any(c.payload.get("rule", "").startswith("unique") for c in sim.changes)
 
 
+def test_a_tablet_two_people_log_into_turns_shared_as_in_the_core() -> None:
+    """Anna and Boris log into one tablet with different identifier types: the core marks it shared."""
+    events = [
+        _ev("browse", "device_id:tablet", at=1),
+        _ev("anna", "customer_id:anna", "device_id:tablet", at=2),
+        _ev("boris", "email:boris@x.ru", "device_id:tablet", at=3),
+        _ev("browse-again", "device_id:tablet", at=4),
+    ]
+    core = IdentityGraph(rules=load_rules())
+    linked = [core.link(ev) for ev in events]
+    assert core.is_shared("device_id:tablet")
+    assert linked[-1].profile_id is None
+    for n in (1, 3, 8):
+        for seed in range(4):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+            for ev in events:
+                sim.feed([ev])
+                final = sim.run()
+            assert final.ids["device_id:tablet"].g
+            assert len(final.live()) == 2
+            (refusal,) = [c for c in sim.changes if c.payload.get("rule") == "shared_device"]
+            assert refusal.payload["identifiers"] == ["device_id:tablet"]
+            assert refusal.payload["other_profile_id"] == final.ids["customer_id:anna"].p
+            by_event = {r.event.event_id: r.profile_id for r in sim.resolved}
+            assert by_event["browse-again"] is None
+
+
+def test_a_merge_is_judged_on_every_identifier_the_event_brings_of_the_other_profile() -> None:
+    """The core weighs the phone and the verified device together; one claim alone is an unverified bridge."""
+    verified_device = Identifier("device_id", "tab", True)
+    events = [
+        NormalizedEvent("app", "app", "mobile_app", "app_open", 1, (verified_device,)),
+        NormalizedEvent(
+            "call",
+            "call_center",
+            "phone",
+            "call",
+            2,
+            (verified_device, Identifier("phone", "+79990001122", False)),
+        ),
+        NormalizedEvent(
+            "signup",
+            "app",
+            "mobile_app",
+            "login",
+            3,
+            (
+                verified_device,
+                Identifier("customer_id", "C1", True),
+                Identifier("email", "s@x.ru", False),
+                Identifier("phone", "+79990001122", False),
+            ),
+        ),
+    ]
+    core = IdentityGraph(rules=load_rules())
+    for ev in events:
+        core.link(ev)
+    assert core.stats["profiles_live"] == 1
+    for n in (1, 3, 8):
+        for seed in range(4):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+            for ev in events:
+                sim.feed([ev])
+                final = sim.run()
+            assert len(final.live()) == 1
+            assert not any(c.kind == "merge_refused" for c in sim.changes)
+
+
 def test_erase_wipes_profile_and_releases_registers() -> None:
     events = [_ev("a", "email:x@y.z", "cookie_id:k", at=1), _ev("b", "cookie_id:k", at=2)]
     sim = Sim(3, load_rules(), seed=7)
@@ -282,17 +351,19 @@ def test_messages_round_trip_through_bytes() -> None:
     msgs: list[Msg] = [
         Route(ev, ("phone:+71", "email:a@b.c"), None),
         Apply("P", ev, ("phone:+71",), True),
-        Claim("P", "email:a@b.c", "e1", 5, side, ("x:y",), False, True),
+        Claim("P", "email:a@b.c", "e1", 5, side, (Identifier("x", "y", True),), False, True),
         ClaimOk("P", "email:a@b.c", "e1", 5, side, True),
-        ClaimTaken("P", "email:a@b.c", "Q", "e1", 5, side, Identifier("email", "a@b.c"), True, False),
+        ClaimTaken("P", "email:a@b.c", "Q", "e1", 5, side, Identifier("email", "a@b.c"), True, False, side),
         ClaimGeneric("P", "email:a@b.c", "e1", 5, True, False),
-        MergeAsk("Q", "P", side, (), "e1", 5, False),
-        MergeOffer("P", "Q", state.to_dict(), side, (), "e1", 5, True),
+        ClaimGeneric("P", "device_id:d", "e1", 5, True, True, "shared_device", "Q"),
+        MergeAsk("Q", "P", side, (), "e1", 5, False, side),
+        MergeOffer("P", "Q", state.to_dict(), side, (), "e1", 5, True, side),
         MergeDone("Q", "P"),
         MergeNo("Q", "P"),
         Repoint("email:a@b.c", "Q", "P"),
         Release("email:a@b.c", "P", True),
         Erase("email:a@b.c", None, "e9", 6),
+        WeakSeen("device_id:d", "Q", "P", "e1", 5),
     ]
     for m in msgs:
         back = decode_msg(encode_msg(m))
@@ -308,6 +379,20 @@ def test_messages_round_trip_through_bytes() -> None:
     assert [type(m) for m in decode_envelope(encode_envelope(msgs))] == [type(m) for m in msgs]
     with pytest.raises(ValueError):
         decode_envelope(b'{"v":2,"m":[]}')
+    # envelopes 0.3.1 left in the internal topic still decode: no ClaimGeneric rule / other, a claim's other
+    # identifiers as keys, no `others` on ClaimTaken, MergeAsk and MergeOffer
+    assert decode_msg(b'[6,"P","email:a@b.c","e1",5,true,false]') == msgs[5]
+    old_claim = decode_msg(b'[3,"P","email:a@b.c","e1",5,[["phone","+71",true]],["x:y"],false,true]')
+    assert old_claim == Claim("P", "email:a@b.c", "e1", 5, side, (Identifier("x", "y", False),), False, True)
+    old_taken = (
+        b'[5,"P","email:a@b.c","Q","e1",5,[["phone","+71",true]],[["email","a@b.c",false]],true,false]'
+    )
+    assert decode_msg(old_taken) == ClaimTaken(
+        "P", "email:a@b.c", "Q", "e1", 5, side, Identifier("email", "a@b.c"), True
+    )
+    assert decode_msg(b'[7,"Q","P",[["phone","+71",true]],[],"e1",5,false]') == MergeAsk(
+        "Q", "P", side, (), "e1", 5, False
+    )
 
 
 def test_profile_row_keeps_protocol_fields() -> None:
