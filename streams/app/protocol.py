@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar, Literal, Protocol
@@ -1289,9 +1289,13 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
             },
         )
         ctx.send(MergeNo(m.loser, w.id))
-        if ctx.st.rules.shared_active:
-            _weak_sightings(ctx, w, side_w, loser.id, side_l, m.ev_id, m.at)
-            _weak_sightings(ctx, loser, side_l, w.id, side_w, m.ev_id, m.at)
+        if ctx.st.rules.shared_active and side_w and side_l:
+            # the event's profile holds its highest-priority identifier (its anchor, as in the core)
+            rank = ctx.st.rules.rank
+            if _best(side_w, rank) < _best(side_l, rank):
+                _weak_sightings(ctx, loser, side_l, w.id, side_w, m.ev_id, m.at)
+            else:
+                _weak_sightings(ctx, w, side_w, loser.id, side_l, m.ev_id, m.at)
         return
     moved = sorted(loser.ids)
     w.absorb(loser)
@@ -1319,6 +1323,11 @@ def _held(p: ProfileState, event: tuple[Identifier, ...]) -> tuple[Identifier, .
     return tuple(held.values())
 
 
+def _best(side: tuple[Identifier, ...], rank: Mapping[str, int]) -> tuple[int, str]:
+    """The side's highest-priority identifier as the core orders them: (rank, key)."""
+    return min((rank.get(i.type, len(rank)), i.key) for i in side)
+
+
 def _weak_sightings(
     ctx: _Ctx,
     holder: ProfileState,
@@ -1328,8 +1337,8 @@ def _weak_sightings(
     ev_id: str,
     at: int,
 ) -> None:
-    """A refused merge leaves the event's weak values in `holder` and its person identifiers in `person`:
-    if both are people (hold person identifiers), each weak value was seen with one more person."""
+    """A refused merge leaves weak values of the event in `holder`, not in the event's profile `person`: if
+    both are people (hold person identifiers), each of those values was seen with one more person."""
     rules = ctx.st.rules
     ptypes = rules.shared_person_types
     if not holder.has_type_in(ptypes) or not any(i.type in ptypes for i in person_side):

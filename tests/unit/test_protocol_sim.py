@@ -213,6 +213,40 @@ def test_a_tablet_two_people_log_into_turns_shared_as_in_the_core() -> None:
             assert by_event["browse-again"] is None
 
 
+def test_a_weak_value_in_the_events_own_profile_is_not_seen_with_another_person() -> None:
+    """Pavel logs in on his browser and types a phone of someone else's profile: his cookie is not shared."""
+    card = Identifier("loyalty_card", "L1", True)
+    account = Identifier("customer_id", "C1", True)
+    phone = Identifier("phone", "+79990001122", False)
+    events = [
+        _ev("browse", "cookie_id:k1", at=1),
+        NormalizedEvent("till", "pos", "store", "store_purchase", 2, (card, phone)),
+        NormalizedEvent(
+            "login",
+            "web",
+            "web",
+            "login",
+            3,
+            (Identifier("cookie_id", "k1"), account, Identifier("email", "p@x.ru"), phone),
+        ),
+        _ev("browse-again", "cookie_id:k1", at=4),
+    ]
+    core = IdentityGraph(rules=load_rules())
+    linked = [core.link(ev) for ev in events]
+    assert not core.is_shared("cookie_id:k1")
+    assert linked[-1].profile_id == core.lookup("customer_id:C1")
+    for n in (1, 3, 8):
+        for seed in range(4):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+            for ev in events:
+                sim.feed([ev])
+                final = sim.run()
+            assert not final.ids["cookie_id:k1"].g
+            assert not any(c.payload.get("rule") == "shared_device" for c in sim.changes)
+            by_event = {r.event.event_id: final.resolve(r.profile_id) for r in sim.resolved}
+            assert by_event["browse-again"] == final.resolve(final.ids["customer_id:C1"].p)
+
+
 def test_a_merge_is_judged_on_every_identifier_the_event_brings_of_the_other_profile() -> None:
     """The core weighs the phone and the verified device together; one claim alone is an unverified bridge."""
     verified_device = Identifier("device_id", "tab", True)
