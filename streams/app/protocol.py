@@ -156,7 +156,10 @@ class Apply:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """CAS `ids[key].p := pid`; `side` = pid's bridge, `others` = the event's other ids; `note`: held."""
+    """CAS `ids[key].p := pid`; `side` = pid's bridge, `others` = the event's other ids; `note`: held.
+
+    `claiming`: keys of `side` that pid claims for this same event (in flight, maybe another profile's).
+    """
 
     TAG: ClassVar[int] = 3
     pid: str
@@ -167,6 +170,7 @@ class Claim:
     others: tuple[Identifier, ...]
     note: bool = False
     fresh: bool = False
+    claiming: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +425,7 @@ def _to_obj(m: Msg) -> list[Any]:
                 _side_out(m.others),
                 m.note,
                 m.fresh,
+                list(m.claiming),
             ]
         case ClaimOk():
             return [m.TAG, m.pid, m.key, m.ev_id, m.at, _side_out(m.side), m.note]
@@ -484,7 +489,8 @@ def _from_obj(d: list[Any]) -> Msg:
     if tag == Apply.TAG:
         return Apply(d[1], _ev_in(d[2]), tuple(d[3]), d[4])
     if tag == Claim.TAG:
-        return Claim(d[1], d[2], d[3], d[4], _side_in(d[5]), _others_in(d[6]), d[7], d[8])
+        claiming = tuple(d[9]) if len(d) > 9 else ()  # 0.3.1 and older: none
+        return Claim(d[1], d[2], d[3], d[4], _side_in(d[5]), _others_in(d[6]), d[7], d[8], claiming)
     if tag == ClaimOk.TAG:
         return ClaimOk(d[1], d[2], d[3], d[4], _side_in(d[5]), d[6])
     if tag == ClaimTaken.TAG:
@@ -901,7 +907,9 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
     if rules.tracks_neighbours and _type_of(key) in rules.generic_types:
         nb = row.nb
         if nb and rules.corroborate_active:
-            corr = any(neighbour_code(i.key) in nb for i in m.side)
+            # evidence is a value pid already holds seen with this one before: what this same event claims
+            # is either new (seen with nothing) or another profile's (no evidence about pid)
+            corr = any(neighbour_code(i.key) in nb for i in m.side if i.key not in m.claiming)
         # strong neighbours seen across a profile boundary (core's `_track_generic`, from this register's
         # point of view: a free value sees all of them, a held one those not held by its owner)
         if row.p is None:
@@ -1155,6 +1163,7 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
     held_set = set(held)
     claims: list[tuple[str, tuple[Identifier, ...]]] = []
     refusals: list[tuple[str, Refusal]] = []
+    claiming: list[str] = []  # in priority order, so a claim's `claiming` is those claimed before it
     if any(k not in held_set and k not in row.cl for k in m.keys):  # most events bring nothing new
         side: list[Identifier] = []
         view = _View(p, row.cl)
@@ -1173,6 +1182,7 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
                 view.add(k, rec)
                 claims.append((k, tuple(side)))
                 side.append(ident)
+                claiming.append(k)
         finally:
             view.close()
     for k, refusal in refusals:
@@ -1183,10 +1193,10 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
             at,
             {"rule": refusal.rule, "detail": refusal.detail, "identifiers": [k], "other_profile_id": None},
         )
-    for k, bridge in claims:
+    for n, (k, bridge) in enumerate(claims):
         bridge_keys = {i.key for i in bridge}
         others = tuple(_ident(ev, x) for x in m.keys if x != k and x not in bridge_keys)
-        ctx.send(Claim(p.id, k, ev_id, at, bridge, others, False, m.fresh))
+        ctx.send(Claim(p.id, k, ev_id, at, bridge, others, False, m.fresh, tuple(claiming[:n])))
     # step "notes": held soft values seen with strong values from outside P feed generic detection
     if rules.tracks_neighbours and len(m.keys) > 1:
         outside = tuple(x for x in m.keys if x not in held_set)

@@ -247,6 +247,30 @@ def test_a_weak_value_in_the_events_own_profile_is_not_seen_with_another_person(
             assert by_event["browse-again"] == final.resolve(final.ids["customer_id:C1"].p)
 
 
+def test_an_identifier_claimed_by_the_same_event_is_no_evidence_for_a_bridge() -> None:
+    """The cookie was seen with the e-mail, but both are the other profile's: the bridge is uncorroborated."""
+    events = [
+        _ev("browse", "cookie_id:k1", at=1),
+        _ev("newsletter", "cookie_id:k1", "email:v@x.ru", at=2),
+        _ev("call", "phone:+79990001122", at=3),
+        _ev("checkout", "cookie_id:k1", "email:v@x.ru", "phone:+79990001122", at=4),
+    ]
+    core = IdentityGraph(rules=load_rules())
+    for ev in events:
+        core.link(ev)
+    assert core.stats["refusals"]["uncorroborated_bridge"] == 1
+    assert core.stats["profiles_live"] == 2
+    for n in (1, 3, 8):
+        for seed in range(4):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+            for ev in events:
+                sim.feed([ev])
+                final = sim.run()
+            assert len(final.live()) == 2
+            rules = {c.payload.get("rule") for c in sim.changes if c.kind == "merge_refused"}
+            assert "uncorroborated_bridge" in rules
+
+
 def test_a_merge_is_judged_on_every_identifier_the_event_brings_of_the_other_profile() -> None:
     """The core weighs the phone and the verified device together; one claim alone is an unverified bridge."""
     verified_device = Identifier("device_id", "tab", True)
@@ -385,7 +409,7 @@ def test_messages_round_trip_through_bytes() -> None:
     msgs: list[Msg] = [
         Route(ev, ("phone:+71", "email:a@b.c"), None),
         Apply("P", ev, ("phone:+71",), True),
-        Claim("P", "email:a@b.c", "e1", 5, side, (Identifier("x", "y", True),), False, True),
+        Claim("P", "email:a@b.c", "e1", 5, side, (Identifier("x", "y", True),), False, True, ("phone:+71",)),
         ClaimOk("P", "email:a@b.c", "e1", 5, side, True),
         ClaimTaken("P", "email:a@b.c", "Q", "e1", 5, side, Identifier("email", "a@b.c"), True, False, side),
         ClaimGeneric("P", "email:a@b.c", "e1", 5, True, False),
