@@ -16,6 +16,7 @@ Rule decisions stay in the core's pure `check_attach` / `check_merge`; this modu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -28,11 +29,18 @@ import orjson
 from streams.core import ChangeKind, IdentityChange, ProfileState, Refusal, Rules, check_attach, check_merge
 from streams.core.graph import ERASE_TYPE
 from streams.core.ids import derive_profile_id
-from streams.core.rules import RULE_GENERIC, RULE_SHARED
+from streams.core.rules import (
+    RULE_GENERIC,
+    RULE_SHARED,
+    RULE_UNCORROBORATED,
+    RULE_UNVERIFIED_BRIDGE,
+    RULE_WEAK_BRIDGE,
+)
 from streams.core.state import (
     ACTIVE,
     ERASED,
     MERGED,
+    R_FIRST,
     R_LAST,
     R_VERIFIED,
     IdentRecord,
@@ -664,6 +672,10 @@ class PartitionState:
         self.partition = partition
         self.n = n
         self.rules = rules
+        # the rules without the evidence rules (`_merge_offer` judges those as of the event's time)
+        self.hard_rules = dataclasses.replace(
+            rules, weak_cannot_bridge=False, verified_beats_unverified=False, corroborate_soft_bridges=False
+        )
         self.store: RowStore = store if store is not None else MemoryRowStore()
         self._cache_rows = max(cache_rows, 1)
         self._ids_young: dict[str, IdRow] = {}
@@ -1155,6 +1167,8 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
         held_rec = ids[k]
         if at > held_rec[R_LAST]:
             held_rec[R_LAST] = at
+        if at < held_rec[R_FIRST]:  # events arrive out of event-time order: first seen is the earliest
+            held_rec[R_FIRST] = at
         if not held_rec[R_VERIFIED] and _ident(ev, k).verified:
             held_rec[R_VERIFIED] = True
     p.record_event(ev)
@@ -1284,7 +1298,17 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
     event = (*m.side_w, *m.side_l, *m.others)
     side_w = _held(w, event) or m.side_w
     side_l = _held(loser, event) or m.side_l
-    refusal = check_merge(w, loser, side_w, side_l, ctx.st.rules, m.at, corroborated=m.corr)
+    rules = ctx.st.rules
+    refusal = check_merge(w, loser, side_w, side_l, rules, m.at, corroborated=m.corr)
+    if refusal is not None and refusal.rule in _EVIDENCE_RULES:
+        # Events reach the protocol out of event-time order (other raw partitions, other hops); the replay
+        # judges each one on what the profiles knew by its time. So the evidence rules see each profile as of
+        # the event's time; the hard ones (unique ids, limits, size cap) judge the whole state.
+        w_then, loser_then = _as_of(w, m.at), _as_of(loser, m.at)
+        if w_then is not w or loser_then is not loser:
+            refusal = check_merge(w_then, loser_then, side_w, side_l, rules, m.at, corroborated=m.corr)
+            if refusal is None:
+                refusal = check_merge(w, loser, side_w, side_l, ctx.st.hard_rules, m.at)
     if refusal is not None:
         ctx.emit(
             row,
@@ -1309,6 +1333,13 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
         return
     moved = sorted(loser.ids)
     w.absorb(loser)
+    for ident in (
+        *side_w,
+        *side_l,
+    ):  # the event saw them at its time, maybe before the profile that held them
+        rec = w.ids.get(ident.key)
+        if rec is not None and m.at < rec[R_FIRST]:
+            rec[R_FIRST] = m.at
     ctx.emit(
         row,
         ChangeKind.MERGED,
@@ -1322,6 +1353,20 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
         },
     )
     ctx.send(MergeDone(m.loser, w.id))
+
+
+_EVIDENCE_RULES = frozenset({RULE_WEAK_BRIDGE, RULE_UNVERIFIED_BRIDGE, RULE_UNCORROBORATED})
+
+
+def _as_of(p: ProfileState, at: int) -> ProfileState:
+    """`p` holding only the identifiers first seen by `at` (itself when that is all of them)."""
+    if all(rec[R_FIRST] <= at for rec in p.ids.values()):
+        return p
+    then = ProfileState(p.id, p.created_ms)
+    for key, rec in p.ids.items():
+        if rec[R_FIRST] <= at:
+            then.add_identifier(key, rec)
+    return then
 
 
 def _held(p: ProfileState, event: tuple[Identifier, ...]) -> tuple[Identifier, ...]:

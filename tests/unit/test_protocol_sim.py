@@ -44,7 +44,7 @@ from streams.app.protocol import (
     part,
 )
 from streams.core import IdentityGraph, ProfileState, Rules, load_rules
-from streams.core.state import ACTIVE
+from streams.core.state import ACTIVE, R_FIRST
 from streams.events import Identifier, NormalizedEvent
 from tests.unit.core_helpers import event_specs, events_from_specs
 from tests.unit.protocol_sim import Final, Sim
@@ -269,6 +269,35 @@ def test_an_identifier_claimed_by_the_same_event_is_no_evidence_for_a_bridge() -
             assert len(final.live()) == 2
             rules = {c.payload.get("rule") for c in sim.changes if c.kind == "merge_refused"}
             assert "uncorroborated_bridge" in rules
+
+
+def test_an_event_that_arrives_late_is_judged_on_what_the_profiles_knew_by_its_time() -> None:
+    """The sign-up (t=1) reaches the protocol after a later call (t=2) that gave the phone its own profile."""
+    phone = Identifier("phone", "+79990001122", False)
+    signup = NormalizedEvent(
+        "signup",
+        "crm",
+        "crm",
+        "identify",
+        1,
+        (Identifier("customer_id", "C1", True), Identifier("email", "a@x.ru", True), phone),
+    )
+    call = NormalizedEvent(
+        "call", "call_center", "phone", "call", 2, (phone, Identifier("email", "b@x.ru", True))
+    )
+    core = IdentityGraph(rules=load_rules())
+    for ev in (signup, call):  # the replay: event-time order
+        core.link(ev)
+    assert core.stats["profiles_live"] == 1
+    for n in (1, 3, 8):
+        for seed in range(4):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+            for ev in (call, signup):
+                sim.feed([ev])
+                final = sim.run()
+            assert len(final.live()) == 1
+            (p,) = final.live().values()
+            assert p.ids["phone:+79990001122"][R_FIRST] == 1
 
 
 def test_a_merge_is_judged_on_every_identifier_the_event_brings_of_the_other_profile() -> None:
