@@ -120,17 +120,27 @@ class Sim:
         """Schedule until quiescent; SimStuck if `max_steps` scheduler steps were not enough."""
         began = time.perf_counter()
         for _ in range(max_steps):
-            runnable = self._runnable()
-            lanes = [k for k, v in self.transit.items() if v]
-            if not runnable and not lanes:
+            if not self.step():
                 self.seconds += time.perf_counter() - began
                 return self.final()
-            if lanes and (not runnable or self.rng.random() < self.deliver_bias):
-                src, dest = lanes[self.rng.randrange(len(lanes))]
-                self.log[dest].append(self.transit[(src, dest)].popleft())
-            else:
-                self._batch(runnable[self.rng.randrange(len(runnable))])
         raise SimStuck(f"no quiescence after {max_steps} steps")
+
+    def step(self) -> bool:
+        """One scheduler step: deliver the head of a transit lane or run a batch; False when quiescent.
+
+        Feeding events between steps, without running to quiescence, keeps work in flight while new events
+        arrive, as in the live stream: later events overtake earlier ones on other partitions.
+        """
+        runnable = self._runnable()
+        lanes = [k for k, v in self.transit.items() if v]
+        if not runnable and not lanes:
+            return False
+        if lanes and (not runnable or self.rng.random() < self.deliver_bias):
+            src, dest = lanes[self.rng.randrange(len(lanes))]
+            self.log[dest].append(self.transit[(src, dest)].popleft())
+        else:
+            self._batch(runnable[self.rng.randrange(len(runnable))])
+        return True
 
     def _batch(self, i: int) -> None:
         st = self.states[i]
