@@ -555,7 +555,7 @@ def test_f1_against_single_process_replay(tmp_path: Path) -> None:
     # "flood": the whole month at once on random raw partitions (a backfill through the stream: worst order)
     f1 = _population_f1(tmp_path, 300, {"live": (50, 0), "flood": (1 << 30, 0)})
     assert f1["live"] >= 0.995
-    assert f1["flood"] >= 0.95  # regression floor; the order of decisions differs most here
+    assert f1["flood"] >= 0.995  # the order of decisions differs most here: 0.3.2 scores 0.9989
 
 
 def test_f1_when_later_events_overtake_earlier_ones(tmp_path: Path) -> None:
