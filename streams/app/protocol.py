@@ -1213,14 +1213,12 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
         ctx.send(Claim(p.id, k, ev_id, at, bridge, others, False, m.fresh, tuple(claiming[:n])))
     # step "notes": held soft values seen with strong values from outside P feed generic detection
     if rules.tracks_neighbours and len(m.keys) > 1:
-        outside = tuple(x for x in m.keys if x not in held_set)
-        if any(_type_of(x) in rules.generic_max for x in outside):
+        outside = tuple(_ident(ev, x) for x in m.keys if x not in held_set)
+        if any(i.type in rules.generic_max for i in outside):
             for k in held:
                 if _type_of(k) in rules.generic_types:
                     rest = tuple(_ident(ev, x) for x in held if x != k)
-                    ctx.send(
-                        Claim(p.id, k, ev_id, at, rest, tuple(_ident(ev, x) for x in outside), True, False)
-                    )
+                    ctx.send(Claim(p.id, k, ev_id, at, rest, outside, True, False))
     if claims:
         ctx.st.put_profile(row)
 
@@ -1298,17 +1296,7 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
     event = (*m.side_w, *m.side_l, *m.others)
     side_w = _held(w, event) or m.side_w
     side_l = _held(loser, event) or m.side_l
-    rules = ctx.st.rules
-    refusal = check_merge(w, loser, side_w, side_l, rules, m.at, corroborated=m.corr)
-    if refusal is not None and refusal.rule in _EVIDENCE_RULES:
-        # Events reach the protocol out of event-time order (other raw partitions, other hops); the replay
-        # judges each one on what the profiles knew by its time. So the evidence rules see each profile as of
-        # the event's time; the hard ones (unique ids, limits, size cap) judge the whole state.
-        w_then, loser_then = _as_of(w, m.at), _as_of(loser, m.at)
-        if w_then is not w or loser_then is not loser:
-            refusal = check_merge(w_then, loser_then, side_w, side_l, rules, m.at, corroborated=m.corr)
-            if refusal is None:
-                refusal = check_merge(w, loser, side_w, side_l, ctx.st.hard_rules, m.at)
+    refusal = _judge_merge(ctx.st, w, loser, side_w, side_l, m)
     if refusal is not None:
         ctx.emit(
             row,
@@ -1323,9 +1311,10 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
             },
         )
         ctx.send(MergeNo(m.loser, w.id))
-        if ctx.st.rules.shared_active and side_w and side_l:
+        rules = ctx.st.rules
+        if rules.shared_active and side_w and side_l:
             # the event's profile holds its highest-priority identifier (its anchor, as in the core)
-            rank = ctx.st.rules.rank
+            rank = rules.rank
             if _best(side_w, rank) < _best(side_l, rank):
                 _weak_sightings(ctx, loser, side_l, w.id, side_w, m.ev_id, m.at)
             else:
@@ -1333,10 +1322,8 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
         return
     moved = sorted(loser.ids)
     w.absorb(loser)
-    for ident in (
-        *side_w,
-        *side_l,
-    ):  # the event saw them at its time, maybe before the profile that held them
+    # the event saw its identifiers at its time, maybe before the profile that held them
+    for ident in (*side_w, *side_l):
         rec = w.ids.get(ident.key)
         if rec is not None and m.at < rec[R_FIRST]:
             rec[R_FIRST] = m.at
@@ -1356,6 +1343,32 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
 
 
 _EVIDENCE_RULES = frozenset({RULE_WEAK_BRIDGE, RULE_UNVERIFIED_BRIDGE, RULE_UNCORROBORATED})
+
+
+def _judge_merge(
+    st: PartitionState,
+    w: ProfileState,
+    loser: ProfileState,
+    side_w: tuple[Identifier, ...],
+    side_l: tuple[Identifier, ...],
+    m: MergeOffer,
+) -> Refusal | None:
+    """`check_merge` on both exact states, with the evidence rules judged as of the event's time.
+
+    Events reach the protocol out of event-time order (other raw partitions, other hops); the replay judges
+    each one on what the profiles knew by its time. So the evidence rules see each profile as of the event's
+    time, and the hard ones (unique ids, limits, size cap, `apart`) judge the whole state.
+    """
+    refusal = check_merge(w, loser, side_w, side_l, st.rules, m.at, corroborated=m.corr)
+    if refusal is None or refusal.rule not in _EVIDENCE_RULES:
+        return refusal
+    w_then, loser_then = _as_of(w, m.at), _as_of(loser, m.at)
+    if w_then is w and loser_then is loser:
+        return refusal
+    refusal = check_merge(w_then, loser_then, side_w, side_l, st.rules, m.at, corroborated=m.corr)
+    if refusal is not None:
+        return refusal
+    return check_merge(w, loser, side_w, side_l, st.hard_rules, m.at)
 
 
 def _as_of(p: ProfileState, at: int) -> ProfileState:

@@ -187,11 +187,11 @@ def test_unique_type_conflict_is_refused_and_recorded() -> None:
         assert any(c.payload.get("rule", "").startswith("unique") for c in sim.changes)
 
 
-def _one_event_at_a_time(events: list[NormalizedEvent]) -> Iterator[tuple[Sim, Final]]:
-    """The protocol on 1, 3 and 8 partitions, 4 seeds each, 20 % of batches crashed; each event stitched (the
-    simulator quiescent) before the next one arrives."""
+def _one_event_at_a_time(events: list[NormalizedEvent], seeds: int = 4) -> Iterator[tuple[Sim, Final]]:
+    """The protocol on 1, 3 and 8 partitions, `seeds` schedules each, 20 % of batches crashed; each event
+    stitched (the simulator quiescent) before the next one arrives."""
     for n in (1, 3, 8):
-        for seed in range(4):
+        for seed in range(seeds):
             sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
             for ev in events:
                 sim.feed([ev])
@@ -353,16 +353,11 @@ def test_kolya_story_converges_to_one_profile() -> None:
         _ev("4", "loyalty_card:L1", "customer_id:K", at=4),
         _ev("5", "phone:+79990001122", "loyalty_card:L1", at=5),
     ]
-    for n in (1, 3, 8):
-        for seed in range(5):
-            # the story's events are minutes apart: each is stitched before the next arrives
-            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
-            for ev in events:
-                sim.feed([ev])
-                final = sim.run()
-            (p,) = final.live().values()
-            assert len(p.ids) == 6
-            assert {final.resolve(r.profile_id) for r in sim.resolved} == {p.id}
+    # the story's events are minutes apart: each is stitched before the next arrives
+    for sim, final in _one_event_at_a_time(events, seeds=5):
+        (p,) = final.live().values()
+        assert len(p.ids) == 6
+        assert {final.resolve(r.profile_id) for r in sim.resolved} == {p.id}
 
 
 def test_a_verified_claim_bridges_like_in_the_core() -> None:
