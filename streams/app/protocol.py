@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar, Literal, Protocol
@@ -28,7 +28,7 @@ import orjson
 
 from streams.core import ChangeKind, IdentityChange, ProfileState, Refusal, Rules, check_attach, check_merge
 from streams.core.graph import ERASE_TYPE
-from streams.core.ids import derive_profile_id
+from streams.core.ids import derive_profile_id_where
 from streams.core.rules import (
     RULE_GENERIC,
     RULE_SHARED,
@@ -113,13 +113,13 @@ def home(profile_id: str, n: int) -> int:
 def new_profile_id(
     event_id: str, at_ms: int, home_partition: int, n: int, taken: Callable[[str], bool] | None = None
 ) -> str:
-    """Deterministic id born on `home_partition`: `derive_profile_id` salted `#n` until it homes there."""
-    salt = 0
-    while True:
-        pid = derive_profile_id(f"{event_id}#{salt}" if salt else event_id, at_ms)
-        if home(pid, n) == home_partition and (taken is None or not taken(pid)):
-            return pid
-        salt += 1
+    """Deterministic id born on `home_partition` and not `taken` (`derive_profile_id_where`)."""
+
+    def born_here(pid: str) -> bool:
+        # not `home()`: candidates are new strings, and most are rejected; they would only flush its cache
+        return murmur2_partition(pid.encode(), n) == home_partition and (taken is None or not taken(pid))
+
+    return derive_profile_id_where(event_id, at_ms, born_here)
 
 
 def ordered_keys(ev: NormalizedEvent, rules: Rules) -> tuple[str, ...]:
@@ -570,8 +570,8 @@ class RowStore(Protocol):
     def get(self, table: TableName, key: bytes) -> bytes | None:
         """The committed-or-written value of a row, or None."""
 
-    def put(self, table: TableName, key: bytes, value: bytes) -> None:
-        """Write a row (rows are never deleted: released registers and stubs stay)."""
+    def write(self, rows: Sequence[tuple[TableName, bytes, bytes]]) -> None:
+        """Write rows (table, key, value) together; never a delete: released registers and stubs stay."""
 
 
 class MemoryRowStore:
@@ -584,9 +584,10 @@ class MemoryRowStore:
         """Row value or None."""
         return self.rows[table].get(key)
 
-    def put(self, table: TableName, key: bytes, value: bytes) -> None:
-        """Write a row."""
-        self.rows[table][key] = value
+    def write(self, rows: Sequence[tuple[TableName, bytes, bytes]]) -> None:
+        """Write rows."""
+        for table, key, value in rows:
+            self.rows[table][key] = value
 
     def copy(self) -> MemoryRowStore:
         """Independent copy (values are immutable bytes)."""
@@ -615,9 +616,10 @@ class IdRow:
 
 
 class ProfileRow:
-    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`."""
+    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`, and `rf`,
+    the (loser, event id) of the last merge it refused as the winner."""
 
-    __slots__ = ("cl", "lk", "q", "state")
+    __slots__ = ("cl", "lk", "q", "rf", "state")
 
     def __init__(
         self,
@@ -625,11 +627,13 @@ class ProfileRow:
         lk: str | None = None,
         cl: dict[str, IdentRecord] | None = None,
         q: list[Msg] | None = None,
+        rf: tuple[str, str] | None = None,
     ) -> None:
         self.state = state
         self.lk = lk
         self.cl: dict[str, IdentRecord] = cl if cl is not None else {}
         self.q: list[Msg] = q if q is not None else []
+        self.rf = rf
 
     def encode(self) -> bytes:
         """`ProfileState.to_dict()` plus the protocol fields (only when set)."""
@@ -640,6 +644,8 @@ class ProfileRow:
             d["cl"] = self.cl
         if self.q:
             d["q"] = [_to_obj(m) for m in self.q]
+        if self.rf is not None:
+            d["rf"] = self.rf
         return orjson.dumps(d, default=_default)
 
     @classmethod
@@ -649,7 +655,8 @@ class ProfileRow:
         lk = d.pop("lk", None)
         cl = d.pop("cl", None)
         q = [_from_obj(m) for m in d.pop("q", ())]
-        return cls(ProfileState.from_dict(d), lk, cl, q)
+        rf = d.pop("rf", None)
+        return cls(ProfileState.from_dict(d), lk, cl, q, None if rf is None else (rf[0], rf[1]))
 
 
 class PartitionState:
@@ -730,8 +737,7 @@ class PartitionState:
             ("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()
         ]
         out.extend(("profiles", pid.encode(), r.encode()) for pid, r in self._dirty_p.items())
-        for table, key, value in out:
-            self.store.put(table, key, value)
+        self.store.write(out)
         self._dirty_ids.clear()
         self._dirty_p.clear()
         if len(self._p_young) > self._cache_rows:
@@ -1173,6 +1179,8 @@ def _apply(ctx: _Ctx, row: ProfileRow, m: Apply) -> None:
             held_rec[R_VERIFIED] = True
     p.record_event(ev)
     ctx.touched(row)
+    if len(held) == len(m.keys):  # the common event: every identifier held already, nothing to claim or note
+        return
     # step "claim": every identifier not held nor in flight, in priority order, as check_attach allows
     held_set = set(held)
     claims: list[tuple[str, tuple[Identifier, ...]]] = []
@@ -1289,6 +1297,12 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
     if m.loser in w.merged_from:
         ctx.send(MergeDone(m.loser, w.id))  # idempotent re-offer
         return
+    if row.rf == (m.loser, m.ev_id):
+        # the same event claimed a second identifier of the same profile: that merge was judged and refused
+        # on all of the event's identifiers already (the core judges it once, and emits one refusal)
+        ctx.fx.dropped["merge_already_refused"] += 1
+        ctx.send(MergeNo(m.loser, w.id))
+        return
     loser = ProfileState.from_dict(m.state)
     # the event's identifiers each profile holds now (both states are exact): the core judges all of an
     # event's identifiers of the other profile together, so one unverified or weak claim alone is not the
@@ -1310,6 +1324,7 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
                 "other_profile_id": loser.id,
             },
         )
+        row.rf = (loser.id, m.ev_id)
         ctx.send(MergeNo(m.loser, w.id))
         rules = ctx.st.rules
         if rules.shared_active and side_w and side_l:

@@ -35,24 +35,18 @@ import faust
 from aiokafka import AIOKafkaProducer
 from faust.types import ConsumerT, TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from rocksdict import WriteBatch
 
 from streams import metrics
 from streams.app.fetch import Inbox, Record, in_time_order, install_bulk_fetch
-from streams.app.protocol import (
-    Effects,
-    PartitionState,
-    TableName,
-    decode_envelope,
-    encode_envelope,
-    handle,
-    ingest,
-)
+from streams.app.protocol import Effects, PartitionState, TableName
 from streams.app.restore import (
     ChangelogRestorer,
     confine_faust_recovery_to_standbys,
     record_restored_offset,
     skip_faust_recovery,
 )
+from streams.app.steps import PartitionSteps
 from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
@@ -61,12 +55,9 @@ from streams.app.transactions import (
     wipe_tables_after_unclean_stop,
 )
 from streams.config import AppSettings
-from streams.core.graph import ChangeKind
 from streams.core.rules import Rules, load_rules
-from streams.exceptions import InvalidEvent
 from streams.normalize import NormalizationSettings
 from streams.produce import murmur2_partition
-from streams.publish import change_record, dlq_record, dumps, profile_record, resolved_record
 from streams.validate import Validator
 
 __all__ = ["TABLES", "create_app"]
@@ -96,8 +87,16 @@ class _TableRows:
         value = self.database(table).get(key)
         return None if value is None else bytes(value)
 
-    def put(self, table: TableName, key: bytes, value: bytes) -> None:
-        self.database(table).put(key, value)
+    def write(self, rows: Sequence[tuple[TableName, bytes, bytes]]) -> None:
+        """One RocksDB write batch per table: a put per row cost more than encoding the row."""
+        batches: dict[TableName, WriteBatch] = {}
+        for table, key, value in rows:
+            batch = batches.get(table)
+            if batch is None:
+                batch = batches[table] = WriteBatch(raw_mode=True)
+            batch.put(key, value)
+        for table, batch in batches.items():
+            self.database(table).write(batch)
 
 
 class _Batch:
@@ -229,6 +228,7 @@ def create_app(
     confine_faust_recovery_to_standbys(app, tables.values())
     changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
     table_of = {changelog: name for name, changelog in changelogs.items()}
+    steps = PartitionSteps(validator, internal, changelogs)
     states: dict[int, PartitionState] = {}
     txns = PartitionTransactions(app, internal, settings.bootstrap, on_rebalance=states.clear)
     restorer = ChangelogRestorer(settings.bootstrap)
@@ -359,59 +359,12 @@ def create_app(
     def _handle(state: PartitionState, part: _Batch, record: Record, now_ms: int) -> None:
         part.offsets[(record.topic, record.partition)] = record.offset + 1
         value = record.value if record.value is not None else b""
-        if record.topic == internal:
-            for msg in decode_envelope(value):
-                handle(state, msg, part.effects)
-            return
-        try:
-            normalized = validator.validate(value)
-        except InvalidEvent as exc:
-            metrics.DLQ_TOTAL.labels("validate", exc.code.value).inc()
-            dead = dlq_record(
-                key=record.key,
-                value=value,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                code=exc.code.value,
-                message=exc.message,
-                stage="validate",
-                failed_at_ms=now_ms,
-            )
-            part.add("dlq", record.key, dumps(dead))
-            return
-        metrics.EVENTS_IN_TOTAL.labels(normalized.source, normalized.type).inc()
-        for type_, reason in normalized.dropped:
-            metrics.IDENTIFIERS_DROPPED_TOTAL.labels(type_, reason).inc()
-        ingest(state, normalized, part.effects)
+        topic, partition, offset = record.topic, record.partition, record.offset
+        steps.take(state, part.effects, part, topic, partition, offset, record.key, value, now_ms)
 
     async def _publish(state: PartitionState, part: _Batch, now_ms: int) -> None:
         """Send what the partition's handlers produced, and its changed rows, in its transaction."""
-        fx = part.effects
-        for dest, msgs in fx.sends.items():
-            # (destination partition → its messages, in handling order): one envelope each
-            part.add(internal, str(dest).encode(), encode_envelope(msgs), partition=dest)
-        for change in fx.changes:
-            if change.kind is ChangeKind.MERGED:
-                metrics.MERGES_TOTAL.inc()
-            elif change.kind is ChangeKind.REFUSED:
-                metrics.MERGES_REFUSED_TOTAL.labels(change.payload["rule"]).inc()
-            part.add("identity.changes", change.profile_id.encode(), dumps(change_record(change)))
-        for resolved in fx.resolved:
-            event = resolved.event
-            key = resolved.profile_id.encode() if resolved.profile_id else None
-            record = resolved_record(event, resolved.profile_id, now_ms, resolved.anchor)
-            part.add("events.resolved", key, dumps(record))
-            metrics.EVENTS_RESOLVED_TOTAL.inc()
-            metrics.EVENT_LAG_SECONDS.observe(max(0.0, (now_ms - event.occurred_at_ms) / 1000))
-        for profile_id in fx.profiles:
-            row = state.get_profile(profile_id)
-            snapshot = None if row is None else profile_record(row.state, now_ms)
-            part.add("profiles", profile_id.encode(), None if snapshot is None else dumps(snapshot))
-        for reason, count in fx.dropped.items():
-            metrics.PROTOCOL_DROPPED_TOTAL.labels(reason).inc(count)
-        for table, key, value in state.flush():
-            part.add(changelogs[table], key, value, partition=part.partition)
+        steps.publish(state, part.effects, part, now_ms)
         await part.send_all()
 
     @app.page("/metrics")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from hashlib import blake2b
 
-__all__ = ["derive_profile_id", "derive_split_id"]
+__all__ = ["derive_profile_id", "derive_profile_id_where", "derive_split_id"]
 
 _MAX_TS = (1 << 48) - 1
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32, the ULID alphabet
 # every 10-bit value as two characters: a ULID (130 bits, top two zero) is 13 table lookups, about twice as
 # fast as base64.b32encode (pure Python on 3.11), which showed up in the profile of new-profile events
 _PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
+_PAIR_INDEX = {pair: i for i, pair in enumerate(_PAIRS)}
 
 
 def _ulid(timestamp_ms: int, seed: bytes) -> str:
@@ -38,6 +40,24 @@ def _ulid(timestamp_ms: int, seed: bytes) -> str:
 def derive_profile_id(event_id: str, occurred_at_ms: int) -> str:
     """ULID with the event's time and randomness from blake2b(event_id): oldest profile sorts first."""
     return _ulid(occurred_at_ms, event_id.encode())
+
+
+def derive_profile_id_where(event_id: str, occurred_at_ms: int, accept: Callable[[str], bool]) -> str:
+    """The first variant of `derive_profile_id` that `accept`s: its last 10 hashed bits stepped, then salted.
+
+    For ids that must meet a condition (the stream's: born on its anchor's partition). One blake2b per event
+    and a string concatenation per try, where salting the event id costs a blake2b and a ULID per try; the
+    other 70 hashed bits and the time prefix stay, so the ids stay time-ordered and as unique as before.
+    """
+    salt = 0
+    while True:
+        base = derive_profile_id(f"{event_id}#{salt}" if salt else event_id, occurred_at_ms)
+        stem, last = base[:-2], _PAIR_INDEX[base[-2:]]
+        for step in range(1024):
+            pid = stem + _PAIRS[(last + step) & 1023]
+            if accept(pid):
+                return pid
+        salt += 1
 
 
 def derive_split_id(profile_id: str, identifier_keys: list[str], seq: int, at_ms: int) -> str:

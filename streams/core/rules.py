@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -106,9 +107,10 @@ class Rules:
         """Whether shared-device detection runs at all (never without protection)."""
         return self.protection and self.shared_devices and bool(self.shared_types)
 
-    @property
+    @functools.cached_property
     def rank(self) -> dict[str, int]:
-        """Type → priority rank (0 = highest); unlisted types rank after all listed ones."""
+        """Type → priority rank (0 = highest); unlisted types rank after all listed ones (built once: the
+        stream ranks every event's identifiers with it)."""
         return {t: i for i, t in enumerate(self.priority)}
 
     @property

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from streams.app.protocol import (
@@ -101,6 +101,7 @@ class Sim:
         # committed outputs
         self.resolved: list[Resolved] = []
         self.changes: list[IdentityChange] = []
+        self.dropped: Counter[str] = Counter()
         self.snapshots = 0
         self.crashes = 0
         self.batches = 0
@@ -168,14 +169,14 @@ class Sim:
             self.states[i] = PartitionState(i, self.n, self.rules, self.committed[i].copy())
             return
         # commit: rows, outputs, envelopes and input offsets together
-        for table, key, value in st.flush():
-            self.committed[i].put(table, key, value)
+        self.committed[i].write(st.flush())
         for _ in range(raw_taken):
             self.raw[i].popleft()
         for _ in range(log_taken):
             self.log[i].popleft()
         self.resolved.extend(fx.resolved)
         self.changes.extend(fx.changes)
+        self.dropped.update(fx.dropped)
         self.snapshots += len(fx.profiles)
         for dest, msgs in fx.sends.items():
             self.transit.setdefault((i, dest), deque()).append(encode_envelope(msgs))

@@ -399,6 +399,29 @@ def test_profile_ids_are_valid_time_ordered_ulids() -> None:
     assert derive_profile_id("event-2", 1_700_000_000_000) != a
 
 
+def test_profile_ids_meeting_a_condition_are_valid_ulids_derived_the_same_way_each_time() -> None:
+    from ulid import ULID
+
+    from streams.core import derive_profile_id
+    from streams.core.ids import derive_profile_id_where
+
+    plain = derive_profile_id("event-1", 1_700_000_000_000)
+    assert derive_profile_id_where("event-1", 1_700_000_000_000, lambda pid: True) == plain
+    ends_in_z = derive_profile_id_where("event-1", 1_700_000_000_000, lambda pid: pid.endswith("Z"))
+    assert ends_in_z.endswith("Z") and ends_in_z[:-2] == plain[:-2]
+    assert ULID.from_str(ends_in_z).milliseconds == 1_700_000_000_000
+    # no variant of the first hash qualifies: the event id is salted and stepped again
+    tried: list[str] = []
+
+    def not_the_first_stem(pid: str) -> bool:
+        tried.append(pid)
+        return pid[:-2] != plain[:-2]
+
+    other = derive_profile_id_where("event-1", 1_700_000_000_000, not_the_first_stem)
+    assert len(tried) == 1025 and len(set(tried[:1024])) == 1024
+    assert other == derive_profile_id("event-1#1", 1_700_000_000_000)
+
+
 def test_cashier_typing_her_own_phone_once_does_not_merge_a_customer_into_a_caller() -> None:
     g = IdentityGraph()
     caller = g.link(ev("call", "phone:+79990001122", source="call_center", channel="phone"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import typing
 from collections import Counter
@@ -44,7 +45,7 @@ from streams.app.protocol import (
     ordered_keys,
     part,
 )
-from streams.core import IdentityGraph, ProfileState, Rules, load_rules
+from streams.core import ChangeKind, IdentityGraph, ProfileState, Rules, load_rules
 from streams.core.state import ACTIVE, R_FIRST
 from streams.events import Identifier, NormalizedEvent
 from tests.unit.core_helpers import event_specs, events_from_specs
@@ -329,6 +330,31 @@ def test_a_merge_is_judged_on_every_identifier_the_event_brings_of_the_other_pro
         assert not any(c.kind == "merge_refused" for c in sim.changes)
 
 
+def test_an_event_with_two_identifiers_of_a_profile_it_may_not_join_is_refused_once() -> None:
+    """Each identifier the event claims of the other profile starts a merge; the core refuses it once."""
+    events = [
+        _ev("a", "customer_id:1", at=1),
+        _ev("b", "email:b@x.ru", "phone:+79001234567", "cookie_id:k", at=2),
+        _ev("c", "customer_id:1", "phone:+79001234567", "cookie_id:k", at=3),
+    ]
+    verified = {"customer_id:1", "email:b@x.ru"}
+    events = [
+        dataclasses.replace(
+            ev, identifiers=tuple(dataclasses.replace(i, verified=i.key in verified) for i in ev.identifiers)
+        )
+        for ev in events
+    ]
+    core = IdentityGraph(rules=load_rules())
+    linked = [core.link(ev) for ev in events]
+    expected = sorted(c.payload["rule"] for c in linked[-1].changes if c.kind is ChangeKind.REFUSED)
+    assert expected == ["shared_device", "unverified_bridge"]
+    for sim, final in _one_event_at_a_time(events):
+        refused = sorted(c.payload["rule"] for c in sim.changes if c.kind is ChangeKind.REFUSED)
+        assert refused == expected
+        assert len(final.live()) == 2
+        assert sim.dropped["merge_already_refused"] == 1
+
+
 def test_erase_wipes_profile_and_releases_registers() -> None:
     events = [_ev("a", "email:x@y.z", "cookie_id:k", at=1), _ev("b", "cookie_id:k", at=2)]
     sim = Sim(3, load_rules(), seed=7)
@@ -474,8 +500,10 @@ def test_profile_row_keeps_protocol_fields() -> None:
     assert row is not None and row.state.status == ACTIVE
     row.lk = "Z"
     row.q.append(MergeNo("a", "b"))
+    row.rf = ("L", "ev-9")
     back = ProfileRow.decode(row.encode())
     assert back.lk == "Z" and back.q == [MergeNo("a", "b")] and set(back.state.ids) == set(row.state.ids)
+    assert back.rf == ("L", "ev-9") and ProfileRow.decode(ProfileRow(row.state).encode()).rf is None
     assert ordered_keys(_ev("x", "cookie_id:1", "phone:+7", "customer_id:c"), load_rules()) == (
         "customer_id:c",
         "phone:+7",
