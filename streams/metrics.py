@@ -14,6 +14,7 @@ __all__ = [
     "EVENTS_IN_TOTAL",
     "EVENTS_RESOLVED_TOTAL",
     "EVENT_LAG_SECONDS",
+    "GC_PAUSE_SECONDS",
     "HELD_TOTAL",
     "IDENTIFIERS_DROPPED_TOTAL",
     "MERGES_REFUSED_TOTAL",
@@ -94,6 +95,15 @@ EVENT_LAG_SECONDS = Histogram(
     "omnistitch_event_lag_seconds",
     "End-to-end lag from the event's occurred_at to its resolution.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+    registry=REGISTRY,
+)
+# CPython's cyclic collector stops the worker while it scans: an older generation over the cached rows can
+# take hundreds of milliseconds, which every event in flight waits for.
+GC_PAUSE_SECONDS = Histogram(
+    "omnistitch_gc_pause_seconds",
+    "Seconds the worker stood still in CPython's cyclic garbage collector, by generation collected.",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
 RESTORE_SECONDS = Histogram(
