@@ -1,6 +1,7 @@
 """The worker's CPU per event without Kafka: its per-partition steps over 8 in-memory partitions (issue 5).
 
-Usage:  .venv/bin/python bench/bench_worker.py [--people 10000] [--batch 1000] [--profile 30] [--json]
+Usage:  .venv/bin/python bench/bench_worker.py [--people 10000] [--partitions 8] [--batch 1000] [--repeat 3]
+                                              [--profile 30] [--json]
 
 Simulates a population (`streams.simulate`, in a temporary directory) and places each raw event on the
 partition `omnistitch produce` would send it to (its key is its strongest normalised identifier; an event
@@ -12,7 +13,7 @@ states and prints the fastest run's CPU per event (this process's), every run's,
 produced.
 
 No Kafka I/O is in the figure: it is the floor the worker's fetches, producers and transactions come on
-top of. CPU time still varies by 10-15 % between runs on these shared machines (other tenants share the
+top of. CPU time still varies by 10-30 % between runs on these shared machines (other tenants share the
 cores' caches), so compare the fastest of several runs, interleaved, as `bench_stream.py` can't be.
 15k events/s per worker (issue 5's target) leaves about 65 µs per event for everything.
 """
@@ -33,7 +34,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streams.app.protocol import Effects, PartitionState
+from streams.app.protocol import Effects, PartitionState, TableName
 from streams.app.steps import PartitionSteps
 from streams.core.rules import load_rules
 from streams.exceptions import InvalidEvent
@@ -44,7 +45,10 @@ from streams.simulate import SimConfig, simulate
 from streams.validate import Validator
 
 INTERNAL = "omnistitch-internal"
-CHANGELOGS = {"ids": "omnistitch-ids-changelog", "profiles": "omnistitch-profiles-changelog"}
+CHANGELOGS: dict[TableName, str] = {
+    "ids": "omnistitch-ids-changelog",
+    "profiles": "omnistitch-profiles-changelog",
+}
 # (topic, key, value) of one input record
 Input = tuple[str, bytes | None, bytes]
 

@@ -5,7 +5,15 @@ Labels are bounded sets only (source, event type, DLQ code, rule name); never an
 
 from __future__ import annotations
 
+import bisect
+import gc
+import itertools
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BATCH_RECORDS",
@@ -14,7 +22,7 @@ __all__ = [
     "EVENTS_IN_TOTAL",
     "EVENTS_RESOLVED_TOTAL",
     "EVENT_LAG_SECONDS",
-    "GC_PAUSE_SECONDS",
+    "GC_PAUSES",
     "HELD_TOTAL",
     "IDENTIFIERS_DROPPED_TOTAL",
     "MERGES_REFUSED_TOTAL",
@@ -23,6 +31,7 @@ __all__ = [
     "REDELIVERED_TOTAL",
     "REGISTRY",
     "RESTORE_SECONDS",
+    "observe_gc_pauses",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -97,15 +106,57 @@ EVENT_LAG_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
     registry=REGISTRY,
 )
-# CPython's cyclic collector stops the worker while it scans: an older generation over the cached rows can
-# take hundreds of milliseconds, which every event in flight waits for.
-GC_PAUSE_SECONDS = Histogram(
-    "omnistitch_gc_pause_seconds",
-    "Seconds the worker stood still in CPython's cyclic garbage collector, by generation collected.",
-    ["generation"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-    registry=REGISTRY,
-)
+
+
+class _GcPauses(Collector):
+    """`omnistitch_gc_pause_seconds{generation}`: CPython's cyclic collector stops the worker while it scans,
+    and every event in flight waits (an older generation over the cached rows can take hundreds of ms).
+
+    A `gc.callbacks` entry. It may run inside any allocation, even one made while a metric holds its
+    (non-reentrant) lock, so it only adds to plain lists; the histogram is built from them at scrape time.
+    """
+
+    BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        # per generation: a count per bucket, the last one above every bound (+Inf)
+        self._counts = [[0] * (len(self.BUCKETS) + 1) for _ in range(3)]
+        self._sums = [0.0, 0.0, 0.0]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._started
+        generation = info["generation"]
+        self._sums[generation] += seconds
+        self._counts[generation][bisect.bisect_left(self.BUCKETS, seconds)] += 1
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "omnistitch_gc_pause_seconds",
+            "Seconds the worker stood still in CPython's cyclic garbage collector, by generation collected.",
+            labels=["generation"],
+        )
+        for generation, counts in enumerate(self._counts):
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(str(le), float(n)) for le, n in zip(self.BUCKETS, cumulative, strict=False)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric([str(generation)], buckets, sum_value=self._sums[generation])
+        yield family
+
+
+GC_PAUSES = _GcPauses()
+REGISTRY.register(GC_PAUSES)
+
+
+def observe_gc_pauses() -> None:
+    """Time every cyclic collection into `omnistitch_gc_pause_seconds`, once per process."""
+    if GC_PAUSES not in gc.callbacks:
+        gc.callbacks.append(GC_PAUSES)
+
+
 RESTORE_SECONDS = Histogram(
     "omnistitch_restore_seconds",
     "Seconds to bring the tables of a new assignment up to their changelogs' ends, before its first batch.",

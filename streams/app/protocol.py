@@ -43,6 +43,7 @@ from streams.core.state import (
     R_FIRST,
     R_LAST,
     R_VERIFIED,
+    R_VIA,
     IdentRecord,
     count_people,
     neighbour_code,
@@ -616,10 +617,10 @@ class IdRow:
 
 
 class ProfileRow:
-    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`, and `rf`,
-    the (loser, event id) of the last merge it refused as the winner."""
+    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`, and `ak`:
+    event id → the profiles it asked to merge with for it, kept while the event has claims in flight."""
 
-    __slots__ = ("cl", "lk", "q", "rf", "state")
+    __slots__ = ("ak", "cl", "lk", "q", "state")
 
     def __init__(
         self,
@@ -627,13 +628,13 @@ class ProfileRow:
         lk: str | None = None,
         cl: dict[str, IdentRecord] | None = None,
         q: list[Msg] | None = None,
-        rf: tuple[str, str] | None = None,
+        ak: dict[str, list[str]] | None = None,
     ) -> None:
         self.state = state
         self.lk = lk
         self.cl: dict[str, IdentRecord] = cl if cl is not None else {}
         self.q: list[Msg] = q if q is not None else []
-        self.rf = rf
+        self.ak: dict[str, list[str]] = ak if ak is not None else {}
 
     def encode(self) -> bytes:
         """`ProfileState.to_dict()` plus the protocol fields (only when set)."""
@@ -644,8 +645,8 @@ class ProfileRow:
             d["cl"] = self.cl
         if self.q:
             d["q"] = [_to_obj(m) for m in self.q]
-        if self.rf is not None:
-            d["rf"] = self.rf
+        if self.ak:
+            d["ak"] = self.ak
         return orjson.dumps(d, default=_default)
 
     @classmethod
@@ -655,8 +656,8 @@ class ProfileRow:
         lk = d.pop("lk", None)
         cl = d.pop("cl", None)
         q = [_from_obj(m) for m in d.pop("q", ())]
-        rf = d.pop("rf", None)
-        return cls(ProfileState.from_dict(d), lk, cl, q, None if rf is None else (rf[0], rf[1]))
+        ak = d.pop("ak", None)
+        return cls(ProfileState.from_dict(d), lk, cl, q, ak)
 
 
 class PartitionState:
@@ -1242,11 +1243,13 @@ def _claim_ok(ctx: _Ctx, row: ProfileRow, m: ClaimOk) -> None:
     ctx.emit(
         row, ChangeKind.ATTACHED, m.ev_id, m.at, {"identifier": m.key, "bridge": [i.key for i in m.side]}
     )
+    _forget_answered(ctx, row, m.ev_id)
 
 
 def _claim_generic(ctx: _Ctx, row: ProfileRow, m: ClaimGeneric) -> None:
     if row.cl.pop(m.key, None) is not None:
         ctx.st.put_profile(row)
+        _forget_answered(ctx, row, m.ev_id)
     if m.newly:
         detail = (
             "weak value seen with person identifiers of several profiles"
@@ -1271,13 +1274,35 @@ def _claim_taken(ctx: _Ctx, row: ProfileRow, m: ClaimTaken) -> None:
         # the register knows the value only; whether this event verified it is in our reservation
         ident = Identifier(ident.type, ident.value, bool(rec[R_VERIFIED]))
     q = m.owner
+    asked = row.ak.get(m.ev_id, [])
+    _forget_answered(ctx, row, m.ev_id)
     if q == p.id or q in p.merged_from:
         return  # already one profile
+    if q in asked:
+        # the event claimed another identifier of q too: its merge ask carried all of the event's identifiers,
+        # and the core judges an event once per profile (a second ask would only repeat a refusal)
+        ctx.fx.dropped["merge_already_asked"] += 1
+        return
+    if _claims_in_flight(row, m.ev_id):
+        row.ak[m.ev_id] = [*asked, q]
+        ctx.st.put_profile(row)
     side_p, side_q = m.side, (ident,)
     if p.id > q:
         ctx.send(MergeAsk(p.id, q, side_p, side_q, m.ev_id, m.at, m.corr, m.others))
     else:
         ctx.send(MergeAsk(q, p.id, side_q, side_p, m.ev_id, m.at, m.corr, m.others))
+
+
+def _claims_in_flight(row: ProfileRow, ev_id: str) -> bool:
+    """Whether claims `ev_id` made are still unanswered (a reservation records the event that made it)."""
+    return any(rec[R_VIA] == ev_id for rec in row.cl.values())
+
+
+def _forget_answered(ctx: _Ctx, row: ProfileRow, ev_id: str) -> None:
+    """Drop the event's merge asks once its last claim is answered: no reply of that event can follow."""
+    if ev_id in row.ak and not _claims_in_flight(row, ev_id):
+        del row.ak[ev_id]
+        ctx.st.put_profile(row)
 
 
 def _merge_ask(ctx: _Ctx, row: ProfileRow, m: MergeAsk) -> None:
@@ -1296,12 +1321,6 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
     w = row.state
     if m.loser in w.merged_from:
         ctx.send(MergeDone(m.loser, w.id))  # idempotent re-offer
-        return
-    if row.rf == (m.loser, m.ev_id):
-        # the same event claimed a second identifier of the same profile: that merge was judged and refused
-        # on all of the event's identifiers already (the core judges it once, and emits one refusal)
-        ctx.fx.dropped["merge_already_refused"] += 1
-        ctx.send(MergeNo(m.loser, w.id))
         return
     loser = ProfileState.from_dict(m.state)
     # the event's identifiers each profile holds now (both states are exact): the core judges all of an
@@ -1324,7 +1343,6 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
                 "other_profile_id": loser.id,
             },
         )
-        row.rf = (loser.id, m.ev_id)
         ctx.send(MergeNo(m.loser, w.id))
         rules = ctx.st.rules
         if rules.shared_active and side_w and side_l:
@@ -1442,6 +1460,7 @@ def _merge_done(ctx: _Ctx, row: ProfileRow, m: MergeDone) -> None:
     p.ids = {}
     p.types = {}
     row.lk = None
+    row.ak = {}  # replies to its claims are forwarded to the winner from now on
     ctx.touched(row)  # snapshot → tombstone
     for key in moved:
         ctx.send(Repoint(key, p.id, m.winner))
@@ -1463,6 +1482,7 @@ def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:
     keys = sorted(p.ids)
     p.wipe(ERASED)
     row.cl = {}  # replies to claims in flight turn into Release at the erased row (§3)
+    row.ak = {}
     p.seq += 1
     ctx.fx.changes.append(IdentityChange(ChangeKind.ERASED, p.id, p.seq, m.ev_id, m.at, {}))
     ctx.touched(row)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import time
 from collections import defaultdict
@@ -160,29 +159,6 @@ class _Batch:
         return last
 
 
-class _GcPauses:
-    """A `gc.callbacks` entry timing each cyclic collection into `GC_PAUSE_SECONDS`."""
-
-    def __init__(self) -> None:
-        self._started = 0.0
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            seconds = time.perf_counter() - self._started
-            metrics.GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(seconds)
-
-
-GC_PAUSES = _GcPauses()
-
-
-def observe_gc_pauses() -> None:
-    """Time every cyclic collection, once per process however many apps it builds."""
-    if GC_PAUSES not in gc.callbacks:
-        gc.callbacks.append(GC_PAUSES)
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def _key_partition(key: bytes, partitions: int) -> int:
     """Java's murmur2 placement; cached because the keys are profile ids that repeat batch after batch."""
@@ -206,7 +182,7 @@ def create_app(
     settings: AppSettings, normalization: NormalizationSettings | None = None, rules: Rules | None = None
 ) -> faust.App:
     """Build the worker app; all inputs are arguments, so tests can run several apps side by side."""
-    observe_gc_pauses()
+    metrics.observe_gc_pauses()
     validator = Validator(normalization or NormalizationSettings.from_env())
     rules = rules if rules is not None else load_rules(settings.rules_file)
     n = settings.partitions

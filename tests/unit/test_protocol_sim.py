@@ -330,29 +330,52 @@ def test_a_merge_is_judged_on_every_identifier_the_event_brings_of_the_other_pro
         assert not any(c.kind == "merge_refused" for c in sim.changes)
 
 
-def test_an_event_with_two_identifiers_of_a_profile_it_may_not_join_is_refused_once() -> None:
-    """Each identifier the event claims of the other profile starts a merge; the core refuses it once."""
-    events = [
-        _ev("a", "customer_id:1", at=1),
-        _ev("b", "email:b@x.ru", "phone:+79001234567", "cookie_id:k", at=2),
-        _ev("c", "customer_id:1", "phone:+79001234567", "cookie_id:k", at=3),
-    ]
-    verified = {"customer_id:1", "email:b@x.ru"}
-    events = [
+def _verified(events: list[NormalizedEvent], keys: set[str]) -> list[NormalizedEvent]:
+    return [
         dataclasses.replace(
-            ev, identifiers=tuple(dataclasses.replace(i, verified=i.key in verified) for i in ev.identifiers)
+            ev, identifiers=tuple(dataclasses.replace(i, verified=i.key in keys) for i in ev.identifiers)
         )
         for ev in events
     ]
+
+
+def test_an_event_with_two_identifiers_of_a_profile_it_may_not_join_is_refused_once() -> None:
+    """Each identifier the event claims of the other profile comes back taken; the core refuses it once."""
+    setup = [
+        _ev("a", "customer_id:1", at=1),
+        _ev("b1", "email:b1@x.ru", "phone:+79001234561", "cookie_id:k1", at=2),
+        _ev("b2", "email:b2@x.ru", "phone:+79001234562", "cookie_id:k2", at=3),
+    ]
+    racing = [  # the same profile claims two identifiers of b1's and of b2's profile, all at once
+        _ev("c1", "customer_id:1", "phone:+79001234561", "cookie_id:k1", at=4),
+        _ev("c2", "customer_id:1", "phone:+79001234562", "cookie_id:k2", at=5),
+    ]
+    setup, racing = (
+        _verified(evs, {"customer_id:1", "email:b1@x.ru", "email:b2@x.ru"}) for evs in (setup, racing)
+    )
     core = IdentityGraph(rules=load_rules())
-    linked = [core.link(ev) for ev in events]
-    expected = sorted(c.payload["rule"] for c in linked[-1].changes if c.kind is ChangeKind.REFUSED)
-    assert expected == ["shared_device", "unverified_bridge"]
-    for sim, final in _one_event_at_a_time(events):
-        refused = sorted(c.payload["rule"] for c in sim.changes if c.kind is ChangeKind.REFUSED)
-        assert refused == expected
-        assert len(final.live()) == 2
-        assert sim.dropped["merge_already_refused"] == 1
+    expected = Counter(
+        (c.event_id, c.payload["rule"])
+        for ev in setup + racing
+        for c in core.link(ev).changes
+        if c.kind is ChangeKind.REFUSED
+    )
+    assert expected == {(e, r): 1 for e in ("c1", "c2") for r in ("unverified_bridge", "shared_device")}
+    for n in (1, 2, 3, 8):
+        for seed in range(25):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.1)
+            for ev in setup:
+                sim.feed([ev])
+                sim.run()
+            sim.feed(racing)
+            final = sim.run()
+            refused = Counter(
+                (c.event_id, c.payload["rule"]) for c in sim.changes if c.kind is ChangeKind.REFUSED
+            )
+            assert refused == expected, (n, seed)
+            assert len(final.live()) == 3
+            assert sim.dropped["merge_already_asked"] == 2
+            assert not any(row.ak for row in final.profiles.values())  # forgotten once answered
 
 
 def test_erase_wipes_profile_and_releases_registers() -> None:
@@ -500,10 +523,10 @@ def test_profile_row_keeps_protocol_fields() -> None:
     assert row is not None and row.state.status == ACTIVE
     row.lk = "Z"
     row.q.append(MergeNo("a", "b"))
-    row.rf = ("L", "ev-9")
+    row.ak = {"ev-9": ["L"]}
     back = ProfileRow.decode(row.encode())
     assert back.lk == "Z" and back.q == [MergeNo("a", "b")] and set(back.state.ids) == set(row.state.ids)
-    assert back.rf == ("L", "ev-9") and ProfileRow.decode(ProfileRow(row.state).encode()).rf is None
+    assert back.ak == {"ev-9": ["L"]} and ProfileRow.decode(ProfileRow(row.state).encode()).ak == {}
     assert ordered_keys(_ev("x", "cookie_id:1", "phone:+7", "customer_id:c"), load_rules()) == (
         "customer_id:c",
         "phone:+7",
