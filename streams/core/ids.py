@@ -46,8 +46,9 @@ def derive_profile_id_where(event_id: str, occurred_at_ms: int, accept: Callable
     """The first variant of `derive_profile_id` that `accept`s: its last 10 hashed bits stepped, then salted.
 
     For ids that must meet a condition (the stream's: born on its anchor's partition). One blake2b per event
-    and a string concatenation per try, where salting the event id costs a blake2b and a ULID per try; the
-    other 70 hashed bits and the time prefix stay, so the ids stay time-ordered and as unique as before.
+    and a string concatenation per try, where salting the event id costs a blake2b and a ULID per try. The
+    time prefix and 70 hashed bits stay: ids still sort by time, two events of one millisecond collide with
+    odds of 2^-70, and `accept` can refuse an id already taken.
     """
     salt = 0
     while True:
