@@ -73,6 +73,7 @@ def assert_quiescent(final: Final) -> None:
         assert row.lk is None, f"{pid} still locked"
         assert not row.cl, f"{pid} still has claims in flight"
         assert not row.q, f"{pid} still has deferred messages"
+        assert not row.ak, f"{pid} still remembers merge asks of answered claims"
 
 
 def assert_registers_agree(final: Final) -> dict[str, str]:
