@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from streams.core.ids import derive_profile_id, derive_split_id
+from streams.core.ids import derive_profile_id_where, derive_split_id
 from streams.core.rules import RULE_GENERIC, RULE_SHARED, Refusal, Rules, check_attach, check_merge
 from streams.core.state import (
     ACTIVE,
@@ -695,13 +695,9 @@ class IdentityGraph:
         return changes
 
     def _fresh_id(self, ev_id: str, at: int) -> str:
-        """The event's derived profile id; salted if taken (a repeated event_id with other identifiers)."""
-        pid = derive_profile_id(ev_id, at)
-        n = 0
-        while self._get_profile(pid) is not None:
-            n += 1
-            pid = derive_profile_id(f"{ev_id}#{n}", at)
-        return pid
+        """The event's derived profile id, or the next variant of it if taken (a repeated event_id with other
+        identifiers)."""
+        return derive_profile_id_where(ev_id, at, lambda pid: self._get_profile(pid) is None)
 
     def _record(
         self, ident: Identifier, ev: NormalizedEvent, origin: str, nb: list[int] | None

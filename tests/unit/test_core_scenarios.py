@@ -422,6 +422,20 @@ def test_profile_ids_meeting_a_condition_are_valid_ulids_derived_the_same_way_ea
     assert other == derive_profile_id("event-1#1", 1_700_000_000_000)
 
 
+def test_a_repeated_event_id_with_other_identifiers_gets_a_free_id_the_same_way_each_time() -> None:
+    from streams.core import derive_profile_id
+
+    def profiles() -> list[str | None]:
+        graph = IdentityGraph(rules=Rules())
+        at = 1_700_000_000_000
+        return [graph.link(ev("dup", key, at=at)).profile_id for key in ("cookie_id:a", "cookie_id:b")]
+
+    a, b = profiles()
+    assert a == derive_profile_id("dup", 1_700_000_000_000)
+    assert b is not None and b != a and b[:-2] == a[:-2]
+    assert profiles() == [a, b]
+
+
 def test_cashier_typing_her_own_phone_once_does_not_merge_a_customer_into_a_caller() -> None:
     g = IdentityGraph()
     caller = g.link(ev("call", "phone:+79990001122", source="call_center", channel="phone"))
