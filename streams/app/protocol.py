@@ -269,11 +269,13 @@ class MergeDone:
 
 @dataclass(frozen=True, slots=True)
 class MergeNo:
-    """At `home(loser)`: refused; unlock and go on."""
+    """At `home(loser)`: refused; unlock and go on. With `refusal`, the loser holds the event's anchor, so
+    it emits the `merge_refused`: the core pins it on the event's profile (else the winner emits it)."""
 
     TAG: ClassVar[int] = 10
     loser: str
     winner: str
+    refusal: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,8 +481,10 @@ def _to_obj(m: Msg) -> list[Any]:
                 m.corr,
                 _side_out(m.others),
             ]
-        case MergeDone() | MergeNo():
+        case MergeDone():
             return [m.TAG, m.loser, m.winner]
+        case MergeNo():
+            return [m.TAG, m.loser, m.winner, m.refusal]
         case Repoint():
             return [m.TAG, m.key, m.src, m.dst]
         case Release():
@@ -517,7 +521,7 @@ def _from_obj(d: list[Any]) -> Msg:
     if tag == MergeDone.TAG:
         return MergeDone(d[1], d[2])
     if tag == MergeNo.TAG:
-        return MergeNo(d[1], d[2])
+        return MergeNo(*d[1:4])  # 0.3.3 and older wrote no refusal
     if tag == Repoint.TAG:
         return Repoint(d[1], d[2], d[3])
     if tag == Release.TAG:
@@ -951,7 +955,8 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
             if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
                 row.g = True
                 st.put_id(key, row)
-                ctx.send(ClaimGeneric(m.pid, key, m.ev_id, m.at, True, m.note))
+                # the owner is the refusal's other profile, as in the core (None for a free value)
+                ctx.send(ClaimGeneric(m.pid, key, m.ev_id, m.at, True, m.note, RULE_GENERIC, row.p))
                 return
     if row.p is None:
         row.p = m.pid
@@ -1331,24 +1336,25 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
     side_l = _held(loser, event) or m.side_l
     refusal = _judge_merge(ctx.st, w, loser, side_w, side_l, m)
     if refusal is not None:
-        ctx.emit(
-            row,
-            ChangeKind.REFUSED,
-            m.ev_id,
-            m.at,
-            {
-                "rule": refusal.rule,
-                "detail": refusal.detail,
-                "identifiers": sorted({i.key for i in (*side_w, *side_l)}),
-                "other_profile_id": loser.id,
-            },
-        )
-        ctx.send(MergeNo(m.loser, w.id))
         rules = ctx.st.rules
+        rank = rules.rank
+        # the event's profile holds its highest-priority identifier (its anchor, as in the core); the core
+        # pins the refusal there and names the event's identifiers the other profile keeps
+        winner_is_event = not side_l or (bool(side_w) and _best(side_w, rank) < _best(side_l, rank))
+        refused = side_l if winner_is_event else side_w
+        payload = {
+            "rule": refusal.rule,
+            "detail": refusal.detail,
+            "identifiers": sorted({i.key for i in refused}),
+            "other_profile_id": loser.id if winner_is_event else w.id,
+        }
+        if winner_is_event:
+            ctx.emit(row, ChangeKind.REFUSED, m.ev_id, m.at, payload)
+            ctx.send(MergeNo(m.loser, w.id))
+        else:
+            ctx.send(MergeNo(m.loser, w.id, {"ev_id": m.ev_id, "at": m.at, "payload": payload}))
         if rules.shared_active and side_w and side_l:
-            # the event's profile holds its highest-priority identifier (its anchor, as in the core)
-            rank = rules.rank
-            if _best(side_w, rank) < _best(side_l, rank):
+            if winner_is_event:
                 _weak_sightings(ctx, loser, side_l, w.id, side_w, m.ev_id, m.at)
             else:
                 _weak_sightings(ctx, w, side_w, loser.id, side_l, m.ev_id, m.at)
@@ -1475,6 +1481,8 @@ def _merge_no(ctx: _Ctx, row: ProfileRow, m: MergeNo) -> None:
         return
     row.lk = None
     ctx.st.put_profile(row)  # `_drain` runs next
+    if m.refusal is not None:
+        ctx.emit(row, ChangeKind.REFUSED, m.refusal["ev_id"], m.refusal["at"], m.refusal["payload"])
 
 
 def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:

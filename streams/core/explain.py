@@ -31,9 +31,21 @@ def explain(graph: IdentityGraph, target: str) -> dict[str, Any]:
 def _explain_identifier(graph: IdentityGraph, key: str) -> dict[str, Any]:
     pid = graph.lookup(key)
     generic = graph.is_generic(key)
+    # refusals naming it, on whichever profile they were pinned (the event's, often not the value's own)
+    refusals = [
+        {**entry, "profile_id": holder}
+        for holder, _, entry in graph.refusals_naming(key)
+        if entry["k"] == "merge_refused"
+    ]
     if pid is None:
-        if generic:
-            return {"identifier": key, "generic": True, "profile_id": None, "steps": [], "refusals": []}
+        if generic or refusals:
+            return {
+                "identifier": key,
+                "generic": generic,
+                "profile_id": None,
+                "steps": [],
+                "refusals": refusals,
+            }
         raise UnknownProfileOrIdentifier(f"identifier {key} is in no profile")
     live = graph.profile(pid)
     assert live is not None
@@ -78,9 +90,6 @@ def _explain_identifier(graph: IdentityGraph, key: str) -> dict[str, Any]:
         steps.append({"step": "merged", "profile_id": src, "into": into, **_tail(entry)})
         cur = graph._get_profile(into)
         hops += 1
-    refusals = [
-        e for e in graph.history(live.id) if e["k"] == "merge_refused" and key in e.get("identifiers", ())
-    ]
     return {
         "identifier": key,
         "generic": generic,
@@ -119,7 +128,7 @@ def format_explanation(d: dict[str, Any]) -> str:
     lines: list[str] = []
     if "identifier" in d:
         lines.append(
-            f"{d['identifier']} → profile {d['profile_id']}"
+            f"{d['identifier']} → profile {d['profile_id'] or '(none)'}"
             + ("  [GENERIC: no longer links]" if d["generic"] else "")
         )
         for s in d["steps"]:
@@ -139,7 +148,7 @@ def format_explanation(d: dict[str, Any]) -> str:
                     f"{', '.join(s.get('bridge', []))} seen with {', '.join(s.get('bridge_other', []))}"
                 )
         for r in d["refusals"]:
-            lines.append(f"  refused by {r['rule']} (event {r['e']}): {r['detail']}")
+            lines.append(f"  refused by {r['rule']} on {r['profile_id']} (event {r['e']}): {r['detail']}")
         return "\n".join(lines)
     lines.append(f"profile {d['profile_id']} [{d['status']}] resolves to {d['resolves_to']}")
     snap = d.get("snapshot")

@@ -8,7 +8,9 @@ Store layout (all keys bytes, values orjson unless said):
     p:<profile id>          → ProfileState (tombstone when merged / erased)
     g:<type:value>          → b"1" (value marked generic) or b"s" (weak value marked shared: a family tablet)
     h:<profile id>:<seq>    → one IdentityChange of that profile (the history `explain` reads)
-    r:<type:value>:<n>      → key of a history entry of another profile that names this identifier
+    r:<type:value>:<profile id>:<seq>
+                            → key of a refusal naming this identifier, pinned on the event's profile (often
+                              not the identifier's own): `explain` lists it, erasing the identifier drops it
     m:stats                 → counters
 """
 
@@ -306,7 +308,7 @@ class IdentityGraph:
             entry = orjson.dumps({"k": kind.value, "e": ev_id, "t": at, **payload})
             self._writes.append((hkey.encode(), bytes(memoryview(entry))))
             if kind is ChangeKind.REFUSED:
-                # so erasing one of the named identifiers can find and drop this entry
+                # so erasing one of the named identifiers can find and drop this entry, and explain list it
                 for key in payload.get("identifiers", ()):
                     self._writes.append((f"r:{key}:{p.id}:{p.seq:010d}".encode(), hkey.encode()))
 
@@ -899,28 +901,47 @@ class IdentityGraph:
                 self._erase_profile(changes, p, event_id, at_ms)
             return tuple(changes)
         pid = self._owner(target)
-        if pid is None and target not in self._generic:
+        if pid is None and target not in self._generic and not self.refusals_naming(target):
             raise UnknownProfileOrIdentifier(f"unknown profile or identifier {target}")
         self._erase_keys([target])
         if pid is not None:
             q = self._live(pid)
             if q is not None and q.status == ACTIVE:
-                q.remove_identifier(target)
+                rec = q.remove_identifier(target)
                 self._touch(q)
+                before = self._split_parents(rec)
                 if not q.ids:
                     self._erase_profile(changes, q, event_id, at_ms)
+                    self._redact_history(before, [target])
                 else:
-                    self._redact_history([q.id, *q.merged_from], target)
+                    self._redact_history([q.id, *q.merged_from, *before], [target])
         return tuple(changes)
 
-    def _redact_history(self, profile_ids: list[str], key: str) -> None:
-        """Replace an erased identifier in stored history entries by a placeholder."""
-        needle = key.encode()
-        quoted = orjson.dumps(key)
+    def _split_parents(self, rec: IdentRecord | None) -> list[str]:
+        """The profiles an identifier was split off, with what they merged: their histories name it too."""
+        out: list[str] = []
+        via = rec[R_VIA] if rec is not None else None
+        parent = via[6:] if isinstance(via, str) and via.startswith("split:") else None
+        while parent is not None and parent not in out:
+            q = self._live(parent)
+            if q is None:
+                break
+            out.extend(pid for pid in (parent, q.id, *q.merged_from) if pid not in out)
+            parent = q.split_from
+        return out
+
+    def _redact_history(self, profile_ids: list[str], keys: list[str]) -> None:
+        """Replace erased identifiers in stored history entries by a placeholder."""
+        if not keys:
+            return
+        self.flush()  # entries as last written, earlier redactions included
         for pid in profile_ids:
             for hkey, raw in list(self.store.iter_prefix(f"h:{pid}:".encode())):
-                if needle in raw:
-                    redacted: bytes = raw.replace(quoted, b'"<erased>"')
+                redacted: bytes = raw
+                for key in keys:
+                    if key.encode() in redacted:
+                        redacted = redacted.replace(orjson.dumps(key), b'"<erased>"')
+                if redacted is not raw:
                     self._writes.append((hkey, redacted))
 
     def _erase_event(self, ev: NormalizedEvent) -> LinkResult:
@@ -935,6 +956,23 @@ class IdentityGraph:
             self._erase_keys([key])
         return LinkResult(None, tuple(changes), None)
 
+    def refusals_naming(self, key: str) -> list[tuple[str, bytes, dict[str, Any]]]:
+        """(profile id, history key, entry) of the stored refusals that name `key` (the `r:` index).
+
+        Only `key` itself: a value may hold ':' (a cookie), so the scan of `r:cookie_id:a:` also meets
+        `cookie_id:a:b`'s entries; after the key, an entry's index key holds `<profile id>:<seq>`, one ':'.
+        """
+        self.flush()
+        prefix = f"r:{key}:".encode()
+        out: list[tuple[str, bytes, dict[str, Any]]] = []
+        for rkey, hkey in self.store.iter_prefix(prefix):
+            if rkey.count(b":", len(prefix)) != 1:
+                continue
+            raw = self.store.get(hkey)
+            if raw is not None:
+                out.append((rkey[len(prefix) :].split(b":")[0].decode(), hkey, orjson.loads(raw)))
+        return out
+
     def _erase_keys(self, keys: list[str]) -> None:
         """Drop identifier-level traces: index entry, generic mark, refusals naming it elsewhere."""
         self.flush()
@@ -944,13 +982,17 @@ class IdentityGraph:
                 self._generic.discard(key)
                 self._shared.discard(key)
                 self._writes.append((b"g:" + key.encode(), None))
-            for rkey, hkey in list(self.store.iter_prefix(f"r:{key}:".encode())):
-                self._writes.append((rkey, None))
+            for pid, hkey, _ in self.refusals_naming(key):
+                seq = hkey.rsplit(b":", 1)[1].decode()
+                self._writes.append((f"r:{key}:{pid}:{seq}".encode(), None))
                 self._writes.append((hkey, None))
 
     def _erase_profile(self, out: list[IdentityChange], p: ProfileState, ev_id: str | None, at: int) -> None:
         keys = sorted(p.ids)
+        gone = {p.id, *p.merged_from}
+        parents = [pid for r in p.ids.values() for pid in self._split_parents(r) if pid not in gone]
         self._erase_keys(keys)
+        self._redact_history(list(dict.fromkeys(parents)), keys)
         for pid in [p.id, *p.merged_from]:
             for hkey, _ in list(self.store.iter_prefix(f"h:{pid}:".encode())):
                 self._writes.append((hkey, None))

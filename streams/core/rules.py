@@ -333,7 +333,12 @@ def check_merge(
                 RULE_WEAK_BRIDGE, "only weak identifiers link two profiles that each hold a strong one"
             )
     if rules.verified_beats_unverified:
-        bridge_verified = any(i.verified for i in side_a) and any(i.verified for i in side_b)
+        # verified *person* values on both sides, as `_holds_verified` counts them: an SDK's always-verified
+        # device id next to a typed e-mail is no verified bridge (it would let anyone who types a victim's
+        # e-mail in an app take over her profile; weak ids alone may not bridge either)
+        bridge_verified = any(i.verified and i.type in strong for i in side_a) and any(
+            i.verified and i.type in strong for i in side_b
+        )
         if not bridge_verified and _holds_verified(a, rules) and _holds_verified(b, rules):
             return Refusal(
                 RULE_UNVERIFIED_BRIDGE,

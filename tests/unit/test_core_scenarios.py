@@ -232,6 +232,37 @@ def test_unverified_email_cannot_hijack_a_verified_profile() -> None:
     assert g.lookup("email:victim@example.com") == ok.profile_id == g.lookup("phone:+79990000002")
 
 
+def test_a_verified_device_next_to_a_typed_email_cannot_hijack_a_verified_profile() -> None:
+    """The app's always-verified device id is no verified bridge: the e-mail the attacker typed is the only
+    person value joining the victim's profile (0.3.3 merged them: each rule saw the other's half)."""
+    g = IdentityGraph()
+    victim = g.link(
+        ev(
+            "v",
+            "email:victim@example.com",
+            "device_id:tablet",
+            verified=("email:victim@example.com", "device_id:tablet"),
+        )
+    )
+    attacker = g.link(ev("a", "phone:+79990000002", verified=("phone:+79990000002",)))
+    hijack = g.link(
+        ev(
+            "h",
+            "phone:+79990000002",
+            "email:victim@example.com",
+            "device_id:tablet",
+            verified=("phone:+79990000002", "device_id:tablet"),
+        )
+    )
+    assert hijack.profile_id == attacker.profile_id != victim.profile_id
+    assert g.lookup("email:victim@example.com") == victim.profile_id
+    assert not [c for c in hijack.changes if c.kind is ChangeKind.MERGED]
+    refused = {
+        c.payload["rule"]: c.payload["identifiers"] for c in hijack.changes if c.kind is ChangeKind.REFUSED
+    }
+    assert refused["unverified_bridge"] == ["device_id:tablet", "email:victim@example.com"]
+
+
 def test_unique_customer_ids_never_share_a_profile() -> None:
     # with default rules the shared e-mail also turns generic (two customer ids); isolate the unique rule
     g = IdentityGraph(rules=Rules(generic=False))
@@ -352,6 +383,65 @@ def test_erase_single_identifier_redacts_history() -> None:
     g.flush()
     dump = b"".join(v for _, v in g.store.iter_prefix(b""))
     assert b"+7777" not in dump
+
+
+def _dump(g: IdentityGraph) -> bytes:
+    g.flush()
+    return b"".join(k + v for k, v in g.store.iter_prefix(b""))
+
+
+def test_erasing_a_split_off_identifier_redacts_it_in_the_parents_split_entry() -> None:
+    for erase_profile in (False, True):
+        g = IdentityGraph()
+        pid = g.link(ev("1", "email:anna@x.com", "phone:+79160000001", "cookie_id:c1")).profile_id
+        assert pid is not None
+        new_id, _ = g.split(pid, ["phone:+79160000001"], reason="two people")
+        g.erase(new_id if erase_profile else "phone:+79160000001")
+        assert b"+79160000001" not in _dump(g)
+        (split,) = [e for e in g.history(pid) if e["k"] == "profile_split"]
+        assert split["identifiers"] == ["<erased>"] and split["split_profile_id"] == new_id
+
+
+def test_an_identifier_known_only_from_a_refusal_can_be_erased_and_explained() -> None:
+    g = IdentityGraph()
+    g.link(ev("1", "customer_id:c1", "phone:+79160000001"))
+    b = g.link(ev("2", "customer_id:c1", "customer_id:c2"))  # c2 refused: one customer id per profile
+    assert g.lookup("customer_id:c2") is None
+    d = g.explain("customer_id:c2")
+    assert d["profile_id"] is None
+    assert [(r["rule"], r["profile_id"], r["e"]) for r in d["refusals"]] == [
+        ("unique:customer_id", b.profile_id, "2")
+    ]
+    g.erase("customer_id:c2")
+    assert b"c2" not in _dump(g)
+    with pytest.raises(UnknownProfileOrIdentifier):
+        g.explain("customer_id:c2")
+
+
+def test_explain_lists_a_refusal_pinned_on_the_events_profile() -> None:
+    """The victim's e-mail stays in her profile; the refusal sits on the attacker's (the event's) profile."""
+    g = IdentityGraph()
+    victim = g.link(ev("v", "email:victim@x.com", verified=("email:victim@x.com",)))
+    attacker = g.link(ev("a", "phone:+79990000002", verified=("phone:+79990000002",)))
+    g.link(ev("h", "phone:+79990000002", "email:victim@x.com", verified=("phone:+79990000002",)))
+    d = g.explain("email:victim@x.com")
+    assert d["profile_id"] == victim.profile_id
+    assert [(r["rule"], r["profile_id"]) for r in d["refusals"]] == [
+        ("unverified_bridge", attacker.profile_id)
+    ]
+
+
+def test_erasing_a_value_with_a_colon_keeps_refusals_naming_a_longer_value() -> None:
+    g = IdentityGraph(rules=Rules(limits={"cookie_id": TypeLimit(1)}))
+    g.link(ev("1", "customer_id:Y", "cookie_id:a"))
+    x = g.link(ev("2", "customer_id:X", "cookie_id:c"))
+    g.link(ev("3", "customer_id:X", "cookie_id:a:b"))  # a second cookie for X: refused by the limit
+    assert [e["rule"] for _, _, e in g.refusals_naming("cookie_id:a:b")] == ["limit:cookie_id"]
+    assert g.refusals_naming("cookie_id:a") == []
+    g.erase("cookie_id:a")
+    assert [e["rule"] for e in g.history(x.profile_id or "") if e["k"] == "merge_refused"] == [
+        "limit:cookie_id"
+    ]
 
 
 def test_explain_shows_the_chain_of_events_and_merges() -> None:

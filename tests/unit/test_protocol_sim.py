@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import typing
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from streams.app.protocol import (
     ordered_keys,
     part,
 )
-from streams.core import ChangeKind, IdentityGraph, ProfileState, Rules, load_rules
+from streams.core import ChangeKind, IdentityChange, IdentityGraph, ProfileState, Rules, load_rules
 from streams.core.state import ACTIVE, R_FIRST
 from streams.events import Identifier, NormalizedEvent
 from tests.unit.core_helpers import event_specs, events_from_specs
@@ -379,6 +379,62 @@ def test_an_event_with_two_identifiers_of_a_profile_it_may_not_join_is_refused_o
             assert not any(row.ak for row in final.profiles.values())  # forgotten once answered
 
 
+def _refusal_signatures(
+    changes: list[IdentityChange], members: Callable[[str | None], frozenset[str]]
+) -> Counter[tuple[str | None, str, tuple[str, ...], frozenset[str], frozenset[str]]]:
+    """Each `merge_refused` as (event, rule, identifiers, its profile, other profile); profiles as the
+    identifiers they end with, since the core and the protocol derive different profile ids."""
+    return Counter(
+        (
+            c.event_id,
+            c.payload["rule"],
+            tuple(c.payload["identifiers"]),
+            members(c.profile_id),
+            members(c.payload["other_profile_id"]),
+        )
+        for c in changes
+        if c.kind is ChangeKind.REFUSED
+    )
+
+
+def test_a_refusal_is_pinned_and_worded_as_the_core_does() -> None:
+    """The refusal goes on the event's profile and names the event's identifiers the other profile keeps.
+
+    The bridge is anchored on the younger profile (its phone outranks the e-mail), so the profile that
+    decides the merge (the older one) is not the event's; and a cashier's phone turned generic names the
+    profile that holds it. 0.3.3 named both sides' identifiers on the deciding profile, and no owner.
+    """
+    events = _verified(
+        [
+            _ev("anna", "customer_id:anna", "email:anna@x.ru", at=1),
+            _ev("boris", "phone:+79990001122", at=2),
+            _ev("bridge", "phone:+79990001122", "email:anna@x.ru", at=3),  # typed, unverified e-mail
+            _ev("till-1", "customer_id:c1", "phone:+79995550000", at=4),
+            _ev("till-2", "customer_id:c2", "phone:+79995550000", at=5),  # the till's phone, second customer
+        ],
+        {"customer_id:anna", "phone:+79990001122", "customer_id:c1", "customer_id:c2"},
+    )
+    core = IdentityGraph(rules=load_rules())
+    changes = [c for ev in events for c in core.link(ev).changes]
+
+    def in_core(pid: str | None) -> frozenset[str]:
+        p = core.profile(pid) if pid else None
+        return frozenset(p.ids) if p is not None else frozenset()
+
+    expected = _refusal_signatures(changes, in_core)
+    assert {(k[0], k[1], k[2]) for k in expected} == {
+        ("bridge", "unverified_bridge", ("email:anna@x.ru",)),
+        ("till-2", "generic_value", ("phone:+79995550000",)),
+    }
+    for sim, final in _one_event_at_a_time(events):
+
+        def in_stream(pid: str | None, final: Final = final) -> frozenset[str]:
+            live = final.resolve(pid) if pid else None
+            return frozenset(final.profiles[live].state.ids) if live else frozenset()
+
+        assert _refusal_signatures(sim.changes, in_stream) == expected
+
+
 def test_erase_wipes_profile_and_releases_registers() -> None:
     events = [_ev("a", "email:x@y.z", "cookie_id:k", at=1), _ev("b", "cookie_id:k", at=2)]
     sim = Sim(3, load_rules(), seed=7)
@@ -480,6 +536,11 @@ def test_messages_round_trip_through_bytes() -> None:
         MergeOffer("P", "Q", state.to_dict(), side, (), "e1", 5, True, side),
         MergeDone("Q", "P"),
         MergeNo("Q", "P"),
+        MergeNo(
+            "Q",
+            "P",
+            {"ev_id": "e1", "at": 5, "payload": {"rule": "unverified_bridge", "identifiers": ["x:y"]}},
+        ),
         Repoint("email:a@b.c", "Q", "P"),
         Release("email:a@b.c", "P", True),
         Erase("email:a@b.c", None, "e9", 6),
@@ -513,6 +574,7 @@ def test_messages_round_trip_through_bytes() -> None:
     assert decode_msg(b'[7,"Q","P",[["phone","+71",true]],[],"e1",5,false]') == MergeAsk(
         "Q", "P", side, (), "e1", 5, False
     )
+    assert decode_msg(b'[10,"Q","P"]') == MergeNo("Q", "P")  # 0.3.3 and older: no refusal to emit
 
 
 def test_profile_row_keeps_protocol_fields() -> None:
