@@ -55,12 +55,20 @@ def validate_command(
     raise typer.Exit(1 if failures else 0)
 
 
-# --- core commands (replay, export, explain) ---
-from streams.replay import explain_command, export_command, replay_command  # noqa: E402
+# --- core commands (replay, export, explain, split, erase) ---
+from streams.replay import (  # noqa: E402
+    erase_command,
+    explain_command,
+    export_command,
+    replay_command,
+    split_command,
+)
 
 app.command("replay")(replay_command)
 app.command("export")(export_command)
 app.command("explain")(explain_command)
+app.command("split")(split_command)
+app.command("erase")(erase_command)
 # --- simulate / evaluate / produce commands ---
 from streams.evaluate import assignments_command, evaluate_command  # noqa: E402
 from streams.produce import produce_command  # noqa: E402

@@ -27,7 +27,7 @@ __all__ = [
 
 
 class ErrorCode(StrEnum):
-    """Why a whole event was refused; one code per way an event can be wrong, used as a DLQ reason."""
+    """Why a record went to the DLQ: one code per way an event can be wrong, and one for internal records."""
 
     TOO_LARGE = "too_large"
     NOT_UTF8 = "not_utf8"
@@ -39,6 +39,8 @@ class ErrorCode(StrEnum):
     INVALID_ATTRIBUTES = "invalid_attributes"
     BAD_TIMESTAMP = "bad_timestamp"
     NO_USABLE_IDENTIFIER = "no_usable_identifier"
+    # not a raw event: a record on the app's internal topic that no worker wrote (stage "internal")
+    BAD_ENVELOPE = "bad_envelope"
 
 
 class RejectReason(StrEnum):

@@ -19,15 +19,24 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from streams.core import IdentityGraph, RocksStore, format_explanation, load_rules
+from streams.core import IdentityChange, IdentityGraph, RocksStore, format_explanation, load_rules
 from streams.core.rules import session_owner
 from streams.events import Identifier, NormalizedEvent
-from streams.exceptions import ConfigError, InvalidEvent, OmnistitchError
+from streams.exceptions import ConfigError, InvalidEvent, OmnistitchError, UnknownProfileOrIdentifier
 from streams.normalize import NormalizationSettings
-from streams.publish import resolved_record
+from streams.publish import change_record, dumps, resolved_record
 from streams.validate import Validator
 
-__all__ = ["ReplaySummary", "explain_command", "export_command", "replay", "replay_command"]
+__all__ = [
+    "ReplaySummary",
+    "erase_command",
+    "explain_command",
+    "export_command",
+    "open_state",
+    "replay",
+    "replay_command",
+    "split_command",
+]
 
 # Lines per block handed to a validation worker: big enough that pickling overhead is per block, small enough
 # that the first events reach the graph at once.
@@ -204,6 +213,7 @@ def replay(
     n_workers = _workers(workers, total_bytes)
     summary = ReplaySummary()
     graph = IdentityGraph(RocksStore(state), rules)
+    erased_before = graph.stats["erased"]
     started = time.perf_counter()
     link = graph.link
     invalid = summary.invalid
@@ -261,6 +271,8 @@ def replay(
         finally:
             if res_fh is not None:
                 res_fh.close()
+    if graph.stats["erased"] > erased_before:
+        graph.compact()  # the input erased someone: no copy of their values may stay in the state's files
     summary.seconds = time.perf_counter() - started
     summary.stats = dict(graph.stats)
     graph.close()
@@ -387,15 +399,24 @@ def replay_command(
     _print_summary(console, summary)
 
 
+def open_state(state: Path) -> IdentityGraph:
+    """The graph over a state directory `replay` wrote, for the commands that read or amend one.
+
+    A missing directory is an error (one line, exit 2) rather than opened: RocksStore would create an empty
+    state there, and every lookup would then answer "unknown" instead of pointing at the mistyped path.
+    """
+    if not state.is_dir():
+        typer.echo(f"no state directory at {state}", err=True)
+        raise typer.Exit(2)
+    return IdentityGraph(RocksStore(state))
+
+
 def export_command(
     state: Path = typer.Option(..., "--state", help="State directory written by `replay`."),  # noqa: B008
     out: Path | None = typer.Option(None, "--out", help="Output file (default: stdout)."),  # noqa: B008
 ) -> None:
     """Write {"identifier": "type:value", "profile_id": ...} for every identifier in the state."""
-    if not state.is_dir():
-        typer.echo(f"no state directory at {state}", err=True)
-        raise typer.Exit(2)
-    graph = IdentityGraph(RocksStore(state))
+    graph = open_state(state)
     fh = out.open("wb") if out is not None else sys.stdout.buffer
     try:
         for key, pid in graph.iter_identifiers():
@@ -413,10 +434,7 @@ def explain_command(
     as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
 ) -> None:
     """Why is this identifier in this profile: the events and rules that put it there."""
-    if not state.is_dir():
-        typer.echo(f"no state directory at {state}", err=True)
-        raise typer.Exit(2)
-    graph = IdentityGraph(RocksStore(state))
+    graph = open_state(state)
     try:
         d = graph.explain(target)
     except OmnistitchError as exc:
@@ -428,3 +446,60 @@ def explain_command(
         typer.echo(orjson.dumps(d, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(format_explanation(d))
+
+
+def _print_changes(changes: tuple[IdentityChange, ...]) -> None:
+    """One JSON line per change, in the shape the stream app publishes on `identity.changes`."""
+    for change in changes:
+        typer.echo(dumps(change_record(change)).decode())
+
+
+def split_command(
+    profile_id: str = typer.Argument(..., help="The live profile to split."),
+    identifiers: list[str] = typer.Argument(  # noqa: B008
+        ..., help='Identifiers ("type:value", as `export` lists them) to move to a new profile.'
+    ),
+    state: Path = typer.Option(..., "--state", help="State directory written by `replay`."),  # noqa: B008
+    reason: str = typer.Option("", "--reason", help="Why, kept in the history (`explain` shows it)."),
+) -> None:
+    """Undo a wrong merge: move identifiers to a new profile that never merges with this one again.
+
+    Prints the new profile id, then the identity changes as JSON lines (the `identity.changes` shape).
+    """
+    graph = open_state(state)
+    try:
+        new_id, changes = graph.split(profile_id, identifiers, reason=reason)
+    except (UnknownProfileOrIdentifier, ValueError) as exc:
+        typer.echo(f"split failed: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        graph.close()
+    typer.echo(new_id)
+    _print_changes(changes)
+
+
+def erase_command(
+    target: str = typer.Argument(..., help='A profile id, or one identifier ("type:value").'),
+    state: Path = typer.Option(..., "--state", help="State directory written by `replay`."),  # noqa: B008
+) -> None:
+    """Right to be forgotten: erase a profile or one identifier; the state is compacted so no copy stays.
+
+    Prints the identity changes as JSON lines; none when the identifier's profile keeps others (see stderr).
+    """
+    graph = open_state(state)
+    try:
+        profile = graph.profile(target)
+        owner = None if profile is not None else graph.lookup(target)
+        changes = graph.erase(target, at_ms=int(time.time() * 1000))
+        graph.compact()
+    except UnknownProfileOrIdentifier as exc:
+        typer.echo(f"erase failed: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        graph.close()
+    _print_changes(changes)
+    if profile is not None and not changes:
+        typer.echo(f"profile {target} was already erased", err=True)
+    elif profile is None:
+        held = f"from profile {owner}" if owner is not None else "(no profile held it)"
+        typer.echo(f"erased identifier {target} {held}", err=True)

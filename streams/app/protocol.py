@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar, Literal, Protocol
@@ -79,7 +79,7 @@ __all__ = [
     "decode_envelope",
     "decode_msg",
     "destination",
-    "encode_envelope",
+    "encode_envelopes",
     "encode_msg",
     "handle",
     "home",
@@ -90,6 +90,8 @@ __all__ = [
 ]
 
 ENVELOPE_VERSION = 1
+# an internal record carries at most this much, unless one message alone is larger (see `encode_envelopes`)
+ENVELOPE_MOST_BYTES = 1 << 20
 
 # ------------------------------------------------------------------------------------------------------------
 # Routing (§0, §2)
@@ -549,9 +551,34 @@ def decode_msg(raw: bytes) -> Msg:
     return _from_obj(orjson.loads(raw))
 
 
-def encode_envelope(msgs: Iterable[Msg]) -> bytes:
-    """One internal record per (batch, source, destination): `{"v":1,"m":[msg, …]}` in handling order."""
-    return orjson.dumps({"v": ENVELOPE_VERSION, "m": [_to_obj(m) for m in msgs]}, default=_default)
+def encode_envelopes(msgs: Sequence[Msg], most_bytes: int = ENVELOPE_MOST_BYTES) -> list[bytes]:
+    """A batch's messages to one destination as internal records `{"v":1,"m":[msg, …]}`, in handling order.
+
+    Usually one record; more when they would pass `most_bytes` (events of up to 1 MiB travel whole, so a
+    batch's sends could pass any topic's record limit and fail the transaction on every retry). A message
+    larger than `most_bytes` travels alone: one event, twice at most (attributes and envelope), fits the
+    internal topic's limit.
+    """
+    whole = orjson.dumps({"v": ENVELOPE_VERSION, "m": [_to_obj(m) for m in msgs]}, default=_default)
+    if len(whole) <= most_bytes:
+        return [whole]
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    size = 0
+    for m in msgs:
+        part = orjson.dumps(_to_obj(m), default=_default)
+        if parts and size + len(part) > most_bytes:
+            out.append(_envelope_of(parts))
+            parts, size = [], 0
+        parts.append(part)
+        size += len(part) + 1
+    out.append(_envelope_of(parts))
+    return out
+
+
+def _envelope_of(parts: list[bytes]) -> bytes:
+    # byte for byte what orjson writes for {"v": 1, "m": [...]}
+    return b'{"v":%d,"m":[' % ENVELOPE_VERSION + b",".join(parts) + b"]}"
 
 
 def decode_envelope(raw: bytes) -> list[Msg]:
@@ -1361,11 +1388,17 @@ def _merge_offer(ctx: _Ctx, row: ProfileRow, m: MergeOffer) -> None:
         return
     moved = sorted(loser.ids)
     w.absorb(loser)
-    # the event saw its identifiers at its time, maybe before the profile that held them
+    # the event saw its identifiers at its time, maybe before the profile that held them, and maybe verified
+    # (the core's step "touch"; `_apply` touched only what the event's profile held already)
     for ident in (*side_w, *side_l):
         rec = w.ids.get(ident.key)
-        if rec is not None and m.at < rec[R_FIRST]:
-            rec[R_FIRST] = m.at
+        if rec is not None:
+            if m.at < rec[R_FIRST]:
+                rec[R_FIRST] = m.at
+            if m.at > rec[R_LAST]:
+                rec[R_LAST] = m.at
+            if ident.verified and not rec[R_VERIFIED]:
+                rec[R_VERIFIED] = True
     ctx.emit(
         row,
         ChangeKind.MERGED,

@@ -17,13 +17,15 @@ equal to the changelog's. After each committed batch the worker moves the offset
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import faust
 from confluent_kafka import OFFSET_BEGINNING
+from faust.stores.rocksdb import RocksDBOptions
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TableT
-from rocksdict import WriteBatch
+from rocksdict import AccessType, DBPath, Rdict, ReadOptions, WriteBatch
 
 from streams.topic_reader import committed_messages
 
@@ -32,6 +34,7 @@ __all__ = [
     "ChangelogRestorer",
     "StandbyOnlyBuffer",
     "confine_faust_recovery_to_standbys",
+    "keep_table_options_on_reopen",
     "record_restored_offset",
     "skip_faust_recovery",
 ]
@@ -42,6 +45,26 @@ RESTORED_OFFSET_KEY = b"__omnistitch\x00restored__"
 WRITE_BATCH_RECORDS = 5_000
 # A restore that has not reached every changelog end by then fails the worker (state is rebuilt on restart).
 RESTORE_TIMEOUT_SECONDS = 600.0
+
+
+def keep_table_options_on_reopen() -> None:
+    """Open faust's table databases with its options for the default column family too.
+
+    rocksdict applies `options` only to column families it creates, so a table reopened after a restart fell
+    back to RocksDB's defaults: no bloom filter (each read of a new identifier searched every file) and an
+    8 MB block cache (quixio/quix-streams#1136; `streams.core.store.RocksStore` opens the replay state the
+    same way). Process-wide, idempotent; otherwise faust-streaming 0.15's `RocksDBOptions.open` (rocksdict).
+    """
+
+    def open_keeping_options(self: RocksDBOptions, path: Path, *, read_only: bool = False) -> Rdict:
+        options = self.as_options()
+        options.set_db_paths([DBPath(str(path), self.target_file_size_base)])
+        access = AccessType.read_write() if self.ttl is None else AccessType.with_ttl(self.ttl)
+        db = Rdict(str(path), options=options, column_families={"default": options}, access_type=access)
+        db.set_read_options(ReadOptions())
+        return db
+
+    RocksDBOptions.open = open_keeping_options  # type: ignore[method-assign]
 
 
 def skip_faust_recovery() -> None:

@@ -16,12 +16,12 @@ from streams.app.protocol import (
     PartitionState,
     TableName,
     decode_envelope,
-    encode_envelope,
+    encode_envelopes,
     handle,
     ingest,
 )
 from streams.core.graph import ChangeKind
-from streams.exceptions import InvalidEvent
+from streams.exceptions import ErrorCode, InvalidEvent
 from streams.publish import change_record, dlq_record, dumps, profile_record, resolved_record
 from streams.validate import Validator
 
@@ -61,25 +61,30 @@ class PartitionSteps:
     ) -> None:
         """One input record: an internal envelope's messages, or a raw event (stitched, or dead-lettered)."""
         if topic == self.internal:
-            for msg in decode_envelope(value):
+            try:
+                msgs = decode_envelope(value)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:  # orjson's errors are ValueErrors
+                # only workers write there, but one foreign record must not stop the partition for good
+                _dead_letter(
+                    out,
+                    ErrorCode.BAD_ENVELOPE,
+                    str(exc),
+                    "internal",
+                    key,
+                    value,
+                    topic,
+                    partition,
+                    offset,
+                    now_ms,
+                )
+                return
+            for msg in msgs:
                 handle(state, msg, fx)
             return
         try:
             normalized = self.validator.validate(value)
         except InvalidEvent as exc:
-            metrics.DLQ_TOTAL.labels("validate", exc.code.value).inc()
-            dead = dlq_record(
-                key=key,
-                value=value,
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                code=exc.code.value,
-                message=exc.message,
-                stage="validate",
-                failed_at_ms=now_ms,
-            )
-            out.add("dlq", key, dumps(dead))
+            _dead_letter(out, exc.code, exc.message, "validate", key, value, topic, partition, offset, now_ms)
             return
         self._events_in[(normalized.source, normalized.type)] += 1
         for dropped in normalized.dropped:
@@ -90,8 +95,9 @@ class PartitionSteps:
         """Everything `fx` holds, and the partition's changed rows, as records for p's transaction."""
         internal = self.internal
         for dest, msgs in fx.sends.items():
-            # (destination partition → its messages, in handling order): one envelope each
-            out.add(internal, str(dest).encode(), encode_envelope(msgs), partition=dest)
+            # (destination partition → its messages, in handling order): one envelope each, or a few in order
+            for envelope in encode_envelopes(msgs):
+                out.add(internal, str(dest).encode(), envelope, partition=dest)
         for change in fx.changes:
             if change.kind is ChangeKind.MERGED:
                 metrics.MERGES_TOTAL.inc()
@@ -120,3 +126,30 @@ class PartitionSteps:
             metrics.IDENTIFIERS_DROPPED_TOTAL.labels(type_, reason).inc(count)
         self._events_in.clear()
         self._identifiers_dropped.clear()
+
+
+def _dead_letter(
+    out: Outbox,
+    code: ErrorCode,
+    message: str,
+    stage: str,
+    key: bytes | None,
+    value: bytes,
+    topic: str,
+    partition: int,
+    offset: int,
+    now_ms: int,
+) -> None:
+    metrics.DLQ_TOTAL.labels(stage, code.value).inc()
+    dead = dlq_record(
+        key=key,
+        value=value,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        code=code.value,
+        message=message,
+        stage=stage,
+        failed_at_ms=now_ms,
+    )
+    out.add("dlq", key, dumps(dead))

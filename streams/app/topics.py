@@ -9,10 +9,13 @@ from schemas.topics import DLQ, EVENTS_RESOLVED, IDENTITY_CHANGES, PROFILES, Top
 from streams.config import AppSettings
 from streams.exceptions import ConfigError
 
-__all__ = ["DLQ_MAX_MESSAGE_BYTES", "create_topics", "internal_topic", "raw_topic", "topic_plan"]
+__all__ = ["MAX_RECORD_BYTES", "create_topics", "internal_topic", "raw_topic", "topic_plan"]
 
-# Above the broker's 2 MiB message.max.bytes: the base64 of any message the broker accepted still fits.
-DLQ_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# The record limit of every topic that carries whole events, or rows that can hold them (the internal topic,
+# events.resolved, the DLQ, the tables' changelogs), and of the worker's producer. Above the broker's 2 MiB
+# message.max.bytes: the base64 of any message the broker accepted still fits in a DLQ record, and a cluster
+# left at Kafka's 1 MB default still takes a valid event of up to 1 MiB with its resolution.
+MAX_RECORD_BYTES = 8 * 1024 * 1024
 
 
 def raw_topic(source: str) -> str:
@@ -38,13 +41,16 @@ def topic_plan(settings: AppSettings) -> list[tuple[str, int, dict[str, str]]]:
     plan = raw + [
         (spec.name, settings.partitions, {"cleanup.policy": spec.cleanup_policy}) for spec in outputs
     ]
-    # a DLQ record carries the refused message base64-encoded (4/3 of its size): room for the largest one
-    plan[-1][2]["max.message.bytes"] = str(DLQ_MAX_MESSAGE_BYTES)
+    # a DLQ record carries the refused message base64-encoded (4/3 of its size), a resolved event the whole
+    # event: room for the largest
+    for name, _, config in plan:
+        if name in (DLQ.name, EVENTS_RESOLVED.name):
+            config["max.message.bytes"] = str(MAX_RECORD_BYTES)
     # an envelope can carry a whole profile state being merged: as large as the DLQ's records
     internal_config = {
         "cleanup.policy": "delete",
         "retention.ms": INTERNAL_RETENTION_MS,
-        "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES),
+        "max.message.bytes": str(MAX_RECORD_BYTES),
     }
     plan.append((internal_topic(settings), settings.partitions, internal_config))
     return plan

@@ -43,11 +43,12 @@ from streams.app.protocol import Effects, PartitionState, TableName
 from streams.app.restore import (
     ChangelogRestorer,
     confine_faust_recovery_to_standbys,
+    keep_table_options_on_reopen,
     record_restored_offset,
     skip_faust_recovery,
 )
 from streams.app.steps import PartitionSteps
-from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, internal_topic, raw_topic
+from streams.app.topics import MAX_RECORD_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
     PartitionTransactions,
@@ -212,7 +213,7 @@ def create_app(
         web_bind="127.0.0.1",
         key_serializer="raw",
         value_serializer="raw",
-        producer_max_request_size=DLQ_MAX_MESSAGE_BYTES,
+        producer_max_request_size=MAX_RECORD_BYTES,
         # one record batch per topic partition and transaction: aiokafka waits for a partition's previous
         # batch to be sent before queueing the next, so 16 KiB batches cost a round trip every ~10 profiles
         producer_max_batch_size=PRODUCER_BATCH_BYTES,
@@ -221,10 +222,20 @@ def create_app(
     )
     wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
     skip_faust_recovery()
+    keep_table_options_on_reopen()
     # subscribed (and co-partitioned with the tables) through faust; read by the stitch task, not an agent
     app.topics.add(app.topic(*raw_names, internal, key_type=bytes, value_type=bytes))
     tables: dict[TableName, TableT[bytes, bytes]] = {
-        name: app.Table(name, partitions=n, key_type=bytes, value_type=bytes) for name in TABLES
+        # a profile row can hold events deferred during a merge: its changelog takes records as large as the
+        # internal topic's (applies when faust creates the changelog)
+        name: app.Table(
+            name,
+            partitions=n,
+            key_type=bytes,
+            value_type=bytes,
+            extra_topic_configs={"max.message.bytes": str(MAX_RECORD_BYTES)},
+        )
+        for name in TABLES
     }
     confine_faust_recovery_to_standbys(app, tables.values())
     changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}

@@ -281,6 +281,11 @@ class IdentityGraph:
         yield from self._writes
         yield _STATS_KEY, orjson.dumps(self.stats)
 
+    def compact(self) -> None:
+        """Write what is buffered, then have the store rewrite its files: after an erase, no copy stays."""
+        self.flush()
+        self.store.compact()
+
     def close(self) -> None:
         """Flush and close the store."""
         self.flush()

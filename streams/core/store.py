@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from rocksdict import Rdict
 
 __all__ = ["MemoryStore", "RocksStore", "Store", "open_store"]
 
@@ -26,6 +29,8 @@ class Store(Protocol):
     def write_batch(self, items: Iterable[tuple[bytes, bytes | None]]) -> None: ...
 
     def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+
+    def compact(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -65,6 +70,9 @@ class MemoryStore:
             if value is not None:
                 yield key, value
 
+    def compact(self) -> None:
+        """Nothing to rewrite: a deleted key is gone at once."""
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -73,9 +81,17 @@ class RocksStore:
     """rocksdict (RocksDB) store: persistent, survives restarts; batches go through one WriteBatch."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+        from rocksdict import WriteBatch
 
         Path(path).mkdir(parents=True, exist_ok=True)
+        self._path = str(path)
+        self._write_batch_cls = WriteBatch
+        self._db = self._open()
+        self._closed = False
+
+    def _open(self) -> Rdict:
+        from rocksdict import BlockBasedOptions, Cache, Options, Rdict
+
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         # small memtables: the graph batches its own writes, and RocksDB's 64 MB default per memtable would
@@ -89,9 +105,10 @@ class RocksStore:
         table.set_bloom_filter(10, False)
         table.set_block_cache(Cache(_BLOCK_CACHE_BYTES))
         opts.set_block_based_table_factory(table)
-        self._write_batch_cls = WriteBatch
-        self._db = Rdict(str(path), options=opts)
-        self._closed = False
+        # the options again for the default column family: reopening an existing database, rocksdict applies
+        # `options` only to column families it creates, so the rest fall back to RocksDB's defaults (no bloom
+        # filter, an 8 MB block cache) from the second run on (quixio/quix-streams#1136)
+        return Rdict(self._path, options=opts, column_families={"default": opts})
 
     def get(self, key: bytes) -> bytes | None:
         """Value for `key`, None when absent."""
@@ -124,6 +141,22 @@ class RocksStore:
             if not key.startswith(prefix):
                 break
             yield key, bytes(value)
+
+    def compact(self) -> None:
+        """Rewrite every table file, then reopen: erased values leave the disk, not only the lookups.
+
+        RocksDB deletes by writing tombstones that carry the key, so an erased identifier stays in its files
+        (old values, earlier versions of a redacted entry, the tombstones) until a compaction rewrites them,
+        and the MANIFEST names each file's first and last keys until the next open starts a new one. A full
+        rewrite: run it after erasing, not per event.
+        """
+        from rocksdict import BottommostLevelCompaction, CompactOptions
+
+        options = CompactOptions()
+        options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+        self._db.compact_range(None, None, options)
+        self._db.close()
+        self._db = self._open()
 
     def close(self) -> None:
         """Flush and release the database (idempotent)."""

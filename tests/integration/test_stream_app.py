@@ -12,7 +12,10 @@ import orjson
 from confluent_kafka import Producer
 from rocksdict import AccessType, Options, Rdict
 
+from streams.app.protocol import part
 from streams.app.restore import RESTORED_OFFSET_KEY
+from streams.app.topics import create_topics
+from streams.config import AppSettings
 from streams.evaluate import assignments_from_resolved, read_topic_to_end
 from streams.topic_reader import read_to_end as read_topic
 from tests.integration.workers import Worker, topic_values, wait_for
@@ -239,3 +242,52 @@ def test_tables_record_how_far_they_hold_their_changelogs_so_a_restart_reads_not
     again = start_worker(app_id=worker.app_id, data_dir=worker.data_dir)
     _resolve_all(kafka_bootstrap, _kolya(uuid.uuid4().hex[:10]))  # a batch, so the restore has run
     assert "restored 0 changelog records" in again.log.read_text()
+
+
+def test_large_events_and_a_foreign_internal_record_never_stop_the_worker(
+    start_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    """Waiting before the worker starts, so one batch takes them all: 300 valid events of 30 KB for one
+    cookie on another partition than the cookie's, and a record on the internal topic no worker wrote.
+    0.3.3 sent the 300 as one 9 MB record past the internal topic's limit, and crashed on every restart;
+    the foreign record failed its batch the same way."""
+    run = uuid.uuid4().hex[:10]
+    app_id = f"it-{run}"
+    create_topics(AppSettings(bootstrap=kafka_bootstrap, app_id=app_id))
+    cookie = f"ck-{run}"
+    away = (part(f"cookie_id:{cookie}", 8) + 1) % 8
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 50})
+    producer.produce(f"{app_id}-internal", value=b"not an envelope " + run.encode(), partition=away)
+    for n in range(300):
+        event = {
+            "schema_version": 1,
+            "event_id": f"{run}-{n}",
+            "source": "web",
+            "channel": "site",
+            "type": "page_view",
+            "occurred_at": "2026-11-24T09:12:00+03:00",
+            "identifiers": [{"type": "cookie_id", "value": cookie}],
+            "attributes": {"url": "https://shop.ru/menu", "note": "x" * 30_000},
+        }
+        producer.produce("raw.web", value=orjson.dumps(event), partition=away)
+    assert producer.flush(30) == 0
+    worker = start_worker(app_id)
+
+    def resolved() -> set[str] | None:
+        ours = {
+            v["event_id"]
+            for _, v in topic_values(kafka_bootstrap, "events.resolved")
+            if v and run in v["event_id"]
+        }
+        return ours if len(ours) == 300 else None
+
+    wait_for("300 large events resolved", resolved, timeout=120)
+    (dead,) = [
+        v
+        for _, v in topic_values(kafka_bootstrap, "dlq")
+        if v
+        and v["source_topic"] == f"{app_id}-internal"
+        and run.encode() in base64.b64decode(v["original_value_b64"])
+    ]
+    assert (dead["error_code"], dead["stage"], dead["partition"]) == ("bad_envelope", "internal", away)
+    assert worker.proc.poll() is None

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from streams.app.topics import DLQ_MAX_MESSAGE_BYTES, create_topics
+from streams.app.topics import MAX_RECORD_BYTES, create_topics
 from streams.config import AppSettings
 from streams.exceptions import ConfigError
 
@@ -23,10 +23,11 @@ def test_creates_missing_topics_with_partitions_and_policies(
 
     topics = kafka_admin.list_topics(timeout=10).topics
     assert len(topics[f"raw.{source}"].partitions) == settings.partitions
-    resources = [ConfigResource("topic", "profiles"), ConfigResource("topic", "dlq")]
+    resources = [ConfigResource("topic", name) for name in ("profiles", "dlq", "events.resolved")]
     configs = {r.name: f.result(timeout=10) for r, f in kafka_admin.describe_configs(resources).items()}
     assert configs["profiles"]["cleanup.policy"].value == "compact"
-    assert int(configs["dlq"]["max.message.bytes"].value) == DLQ_MAX_MESSAGE_BYTES
+    for name in ("dlq", "events.resolved"):
+        assert int(configs[name]["max.message.bytes"].value) == MAX_RECORD_BYTES
 
 
 def test_refuses_topics_with_another_partition_count(kafka_bootstrap: str) -> None:

@@ -11,7 +11,7 @@ Kafka, modelled just enough to break the protocol if it relies on anything Kafka
   from its committed store (FN §3: wipe, restore from the changelog) and leaves its inputs uncommitted, so
   they are redelivered.
 
-Every envelope goes through `encode_envelope` / `decode_envelope`, so what crosses partitions is bytes only.
+Every envelope goes through `encode_envelopes` / `decode_envelope`, so what crosses partitions is bytes only.
 Used by tests/unit/test_protocol_sim.py; import `Sim` for a bench.
 """
 
@@ -30,7 +30,7 @@ from streams.app.protocol import (
     ProfileRow,
     Resolved,
     decode_envelope,
-    encode_envelope,
+    encode_envelopes,
     handle,
     ingest,
 )
@@ -179,8 +179,9 @@ class Sim:
         self.dropped.update(fx.dropped)
         self.snapshots += len(fx.profiles)
         for dest, msgs in fx.sends.items():
-            self.transit.setdefault((i, dest), deque()).append(encode_envelope(msgs))
-            self.envelopes += 1
+            envelopes = encode_envelopes(msgs)
+            self.transit.setdefault((i, dest), deque()).extend(envelopes)
+            self.envelopes += len(envelopes)
 
     def final(self) -> Final:
         """Decode every committed row of every partition."""

@@ -37,7 +37,7 @@ from streams.app.protocol import (
     WeakSeen,
     decode_envelope,
     decode_msg,
-    encode_envelope,
+    encode_envelopes,
     encode_msg,
     home,
     ingest,
@@ -466,6 +466,29 @@ def test_kolya_story_converges_to_one_profile() -> None:
         assert {final.resolve(r.profile_id) for r in sim.resolved} == {p.id}
 
 
+def test_identifiers_arriving_by_a_merge_are_seen_and_verified_as_in_the_core() -> None:
+    """Kolya's pizzeria, site and app: the app login brings his e-mail verified, through a merge. The
+    merged-in identifiers get the event's last seen and verified flag, as the core's records do (0.3.3 kept
+    the e-mail unverified, which later rules read)."""
+    pos, web, app = (
+        _ev("pos", "loyalty_card:L1", "phone:+79990001122", at=1_000),
+        _ev("web", "cookie_id:c1", "email:kolya@x.ru", at=2_000),
+        _ev("app", "device_id:d1", "phone:+79990001122", "email:kolya@x.ru", at=3_000),
+    )
+    app_keys = [i.key for i in app.identifiers]  # the app login verifies all three
+    events = [*_verified([pos], {"loyalty_card:L1"}), web, *_verified([app], set(app_keys))]
+    core = IdentityGraph(rules=load_rules())
+    for ev in events:
+        core.link(ev)
+    expected = core.profile(core.lookup("phone:+79990001122") or "")
+    assert expected is not None and set(expected.ids) == {*app_keys, "loyalty_card:L1", "cookie_id:c1"}
+    want = {k: (r[0], r[R_FIRST], r[2], r[4]) for k, r in expected.ids.items()}
+    assert want["email:kolya@x.ru"] == ("email", 2_000, 3_000, True)
+    for _, final in _one_event_at_a_time(events):
+        (p,) = final.live().values()
+        assert {k: (r[0], r[R_FIRST], r[2], r[4]) for k, r in p.ids.items()} == want
+
+
 def test_a_verified_claim_bridges_like_in_the_core() -> None:
     """The claimed value's `verified` travels with the merge: the register only knows the value."""
     card_holder = _ev("pos", "loyalty_card:L1", "phone:+79990001122", at=1)
@@ -557,7 +580,16 @@ def test_messages_round_trip_through_bytes() -> None:
             assert ProfileState.from_dict(back.state).ids == state.ids
         else:
             assert back == m
-    assert [type(m) for m in decode_envelope(encode_envelope(msgs))] == [type(m) for m in msgs]
+    (whole,) = encode_envelopes(msgs)
+    assert [type(m) for m in decode_envelope(whole)] == [type(m) for m in msgs]
+    # past the size cap: several envelopes, in order, each within it unless one message alone is larger
+    small = [Repoint(f"email:{n}@b.c", "Q", "P") for n in range(500)]
+    big = Route(dataclasses.replace(ev, attributes={"note": "x" * 5_000}), ("phone:+71",), None)
+    parts = encode_envelopes([*small[:250], big, *small[250:]], most_bytes=4_000)
+    assert len(parts) > 3 and all(len(p) <= 4_000 for p in parts if b'"note"' not in p)
+    back = [m for p in parts for m in decode_envelope(p)]
+    assert [type(m) for m in back] == [Repoint] * 250 + [Route] + [Repoint] * 250
+    assert back[:250] == small[:250] and back[251:] == small[250:]
     with pytest.raises(ValueError):
         decode_envelope(b'{"v":2,"m":[]}')
     # envelopes 0.3.1 left in the internal topic still decode: no ClaimGeneric rule / other, a claim's other

@@ -212,3 +212,239 @@ def test_anonymous_visits_on_a_shared_tablet_go_to_whoever_logged_in_that_sessio
     assert runner.invoke(app, [*args, "--rules", str(rules)]).exit_code == 0
     got0 = {r["event_id"]: r["profile_id"] for r in read(out0)}
     assert got0["f2"] is None and got0["f4"] is None and got0["f5"] is None
+
+
+# --- split / erase on a replay state ---
+
+KOLYA = ("cookie_id:c-77", "email:kolya@mail.ru", "phone:+79161234567", "device_id:dev-kolya-1")
+
+
+def replayed(src: Path, state: Path, out: Path) -> dict[str, str | None]:
+    """Replay `src` into `state` through the CLI; event id → final profile id."""
+    r = runner.invoke(app, ["replay", str(src), "--state", str(state), "--assignments", str(out)])
+    assert r.exit_code == 0, r.output
+    return {row["event_id"]: row["profile_id"] for row in read(out)}
+
+
+def exported(state: Path) -> dict[str, str]:
+    r = runner.invoke(app, ["export", "--state", str(state)])
+    assert r.exit_code == 0, r.output
+    return {row["identifier"]: row["profile_id"] for row in map(orjson.loads, r.stdout.splitlines())}
+
+
+def state_bytes(state: Path) -> bytes:
+    """Every file of the state directory, concatenated: what an erased value must no longer be found in."""
+    return b"".join(p.read_bytes() for p in sorted(state.rglob("*")) if p.is_file())
+
+
+def test_split_moves_identifiers_to_a_new_profile_and_later_replays_keep_them_apart(
+    kolya_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    kolya = replayed(kolya_file, state, tmp_path / "a.jsonl")["e1"]
+    assert kolya is not None
+    r = runner.invoke(
+        app,
+        [
+            "split",
+            "--state",
+            str(state),
+            kolya,
+            "phone:+79161234567",
+            "device_id:dev-kolya-1",
+            "--reason",
+            "his sister's phone",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    new_id, *lines = r.stdout.splitlines()
+    assert new_id != kolya and len(new_id) == len(kolya)
+    split, created = map(orjson.loads, lines)
+    assert split["kind"] == "profile_split" and split["profile_id"] == kolya
+    assert split["new_profiles"] == [new_id] and split["reason"] == "his sister's phone"
+    assert split["seq"] > 1 and split["cause_event_id"] is None
+    assert created["kind"] == "profile_created" and created["profile_id"] == new_id and created["seq"] == 1
+    assert created["identifiers"] == ["device_id:dev-kolya-1", "phone:+79161234567"]
+    assert exported(state) == {
+        "cookie_id:c-77": kolya,
+        "email:kolya@mail.ru": kolya,
+        "phone:+79161234567": new_id,
+        "device_id:dev-kolya-1": new_id,
+    }
+    why = runner.invoke(app, ["explain", "--state", str(state), "phone:+79161234567"])
+    assert why.exit_code == 0, why.output
+    assert f"split off {kolya} into {new_id} (his sister's phone)" in why.stdout
+
+    # the state goes on: her app events follow the device, and an event naming both sides merges nothing
+    later = tmp_path / "later.jsonl"
+    later.write_bytes(
+        envelope("g1", "13:00:00", ("device_id", "dev-kolya-1", False), source="app", channel="app")
+        + b"\n"
+        + envelope("g2", "13:05:00", ("phone", "+79161234567", True), ("email", "kolya@mail.ru", True))
+        + b"\n"
+        + envelope("g3", "13:10:00", ("cookie_id", "c-77", False))
+        + b"\n"
+    )
+    got = replayed(later, state, tmp_path / "b.jsonl")
+    assert got["g1"] == new_id and got["g3"] == kolya and got["g2"] in (kolya, new_id)
+    assert exported(state) == {
+        "cookie_id:c-77": kolya,
+        "email:kolya@mail.ru": kolya,
+        "phone:+79161234567": new_id,
+        "device_id:dev-kolya-1": new_id,
+    }
+    refused = runner.invoke(app, ["explain", "--state", str(state), "email:kolya@mail.ru", "--json"])
+    assert refused.exit_code == 0, refused.output
+    assert "split_apart" in {r["rule"] for r in orjson.loads(refused.stdout)["refusals"]}
+
+
+# Values sharing no four bytes with anything else stored. RocksDB compresses its table files (Snappy), which
+# writes the first copy of such a value in each block literally except perhaps a few bytes at each end (joined
+# to a match with the text around it): a byte search for the middle finds any copy left in the files.
+QUIET = {
+    "cookie_id": "ck-9fh3kq2wbx7",
+    "email": "qz8vw.l2@jx4t.ru",
+    "customer_id": "mr-5gk8rzy6e1h",
+    "device_id": "dv-7yq2xw5pa3n",
+}
+
+
+def traces(state: Path) -> list[str]:
+    """The QUIET values whose middle is still somewhere in the state directory's files."""
+    data = state_bytes(state)
+    return [v for v in QUIET.values() if v[3:-3].encode() in data]
+
+
+@pytest.fixture
+def quiet_file(tmp_path: Path) -> Path:
+    c, e, u, d = (QUIET[t] for t in ("cookie_id", "email", "customer_id", "device_id"))
+    path = tmp_path / "quiet.jsonl"
+    path.write_bytes(
+        envelope("x1", "10:00:00", ("cookie_id", c, False), ("email", e, False))
+        + b"\n"
+        + envelope(
+            "x2",
+            "10:05:00",
+            ("email", e, True),
+            ("customer_id", u, True),
+            ("device_id", d, False),
+            type="login",
+            source="app",
+            channel="app",
+            attributes={},
+        )
+        + b"\n"
+    )
+    return path
+
+
+def test_erase_an_identifier_then_a_profile_removes_them_from_export_and_from_the_state_files(
+    quiet_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    person = replayed(quiet_file, state, tmp_path / "a.jsonl")["x1"]
+    assert person is not None
+    assert exported(state) == {f"{t}:{v}": person for t, v in QUIET.items()}
+    assert traces(state) == list(QUIET.values())
+
+    one = runner.invoke(app, ["erase", "--state", str(state), f"cookie_id:{QUIET['cookie_id']}"])
+    assert one.exit_code == 0, one.output
+    assert one.stdout == ""  # the person keeps other identifiers: no identity change
+    assert f"erased identifier cookie_id:{QUIET['cookie_id']} from profile {person}" in one.stderr
+    assert exported(state) == {f"{t}:{v}": person for t, v in QUIET.items() if t != "cookie_id"}
+    assert traces(state) == [v for t, v in QUIET.items() if t != "cookie_id"]
+
+    whole = runner.invoke(app, ["erase", "--state", str(state), person])
+    assert whole.exit_code == 0, whole.output
+    (record,) = map(orjson.loads, whole.stdout.splitlines())
+    assert record["kind"] == "profile_erased" and record["profile_id"] == person
+    assert exported(state) == {}
+    assert traces(state) == []
+    again = runner.invoke(app, ["erase", "--state", str(state), person])
+    assert again.exit_code == 0 and again.stdout == "" and "already erased" in again.stderr
+
+    # the state goes on: the same e-mail later is a new person, the erased profile id is not reused
+    later = tmp_path / "later.jsonl"
+    later.write_bytes(envelope("h1", "14:00:00", ("email", QUIET["email"], True)) + b"\n")
+    fresh = replayed(later, state, tmp_path / "b.jsonl")["h1"]
+    assert fresh is not None and fresh != person
+    assert exported(state) == {f"email:{QUIET['email']}": fresh}
+
+
+def test_an_erase_event_in_the_input_leaves_no_copy_in_the_state_files(
+    quiet_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    replayed(quiet_file, state, tmp_path / "a.jsonl")
+    assert traces(state) == list(QUIET.values())
+    erase = tmp_path / "erase.jsonl"
+    erase.write_bytes(
+        envelope("z1", "12:00:00", ("email", QUIET["email"], True), type="erase", attributes={}) + b"\n"
+    )
+    assert replayed(erase, state, tmp_path / "b.jsonl") == {"z1": None}
+    assert exported(state) == {}
+    assert traces(state) == []
+
+
+def test_erase_after_a_split_scrubs_the_refusals_and_history_naming_the_value(
+    quiet_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    person = replayed(quiet_file, state, tmp_path / "a.jsonl")["x1"]
+    assert person is not None
+    device = f"device_id:{QUIET['device_id']}"
+    split = runner.invoke(app, ["split", "--state", str(state), person, device])
+    assert split.exit_code == 0, split.output
+    tablet = split.stdout.split()[0]
+    later = tmp_path / "later.jsonl"
+    later.write_bytes(
+        envelope(
+            "g1",
+            "13:00:00",
+            ("device_id", QUIET["device_id"], True),
+            ("customer_id", QUIET["customer_id"], True),
+        )
+        + b"\n"
+    )
+    replayed(later, state, tmp_path / "b.jsonl")
+    assert QUIET["device_id"] in traces(state)
+    refusals = runner.invoke(app, ["explain", "--state", str(state), device, "--json"])
+    assert [r["rule"] for r in orjson.loads(refusals.stdout)["refusals"]] == ["split_apart"]
+
+    r = runner.invoke(app, ["erase", "--state", str(state), device])
+    assert r.exit_code == 0, r.output
+    (record,) = map(orjson.loads, r.stdout.splitlines())  # its profile held nothing else
+    assert record["kind"] == "profile_erased" and record["profile_id"] == tablet
+    assert exported(state) == {f"{t}:{v}": person for t, v in QUIET.items() if t != "device_id"}
+    assert traces(state) == [v for t, v in QUIET.items() if t != "device_id"]
+    why = runner.invoke(app, ["explain", "--state", str(state), person])
+    assert why.exit_code == 0 and QUIET["device_id"] not in why.stdout
+    gone = runner.invoke(app, ["explain", "--state", str(state), device])
+    assert gone.exit_code == 1
+
+
+def test_split_and_erase_errors_exit_2_and_leave_the_state_as_it_was(
+    kolya_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    kolya = replayed(kolya_file, state, tmp_path / "a.jsonl")["e1"]
+    assert kolya is not None
+    before = exported(state)
+    cases = [
+        (
+            ["split", "--state", str(state), "01NOSUCHPROFILE0000000000", "email:kolya@mail.ru"],
+            "no live profile",
+        ),
+        (["split", "--state", str(state), kolya, "email:somebody@else.com"], "not in profile"),
+        (["split", "--state", str(state), kolya, *KOLYA], "every identifier"),
+        (["split", "--state", str(tmp_path / "nope"), kolya, "email:kolya@mail.ru"], "no state directory"),
+        (["erase", "--state", str(state), "email:somebody@else.com"], "unknown profile or identifier"),
+        (["erase", "--state", str(state), "01NOSUCHPROFILE0000000000"], "unknown profile or identifier"),
+        (["erase", "--state", str(tmp_path / "nope"), kolya], "no state directory"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr and r.stdout == "", (args, r.output)
+    assert not (tmp_path / "nope").exists()
+    assert exported(state) == before

@@ -55,3 +55,29 @@ def test_rocksdict_survives_restart(tmp_path: Path) -> None:
     again = RocksStore(tmp_path / "db")
     assert again.get(b"a") == b"1"
     again.close()
+
+
+def _options_of(path: Path) -> str:
+    """The newest OPTIONS file RocksDB wrote: the settings the database actually runs with."""
+    return max(path.glob("OPTIONS-*"), key=lambda f: int(f.name.split("-")[1])).read_text()
+
+
+def test_rocks_store_keeps_its_bloom_filter_when_reopened(tmp_path: Path) -> None:
+    for _ in range(3):  # rocksdict applied our options only when it created the database (0.3.3)
+        store = RocksStore(tmp_path)
+        store.put(b"k", b"v")
+        store.close()
+        assert "filter_policy=bloomfilter" in _options_of(tmp_path)
+
+
+def test_compact_leaves_no_deleted_value_in_the_files(tmp_path: Path) -> None:
+    store = RocksStore(tmp_path)
+    store.write_batch([(b"i:email:gone-qz8vw@jx4t.ru", b"P1"), (b"i:email:kept@x.ru", b"P2")])
+    store.close()
+    store = RocksStore(tmp_path)  # the value now sits in a table file, not only in the log
+    store.delete(b"i:email:gone-qz8vw@jx4t.ru")
+    store.compact()
+    assert store.get(b"i:email:kept@x.ru") == b"P2" and store.get(b"i:email:gone-qz8vw@jx4t.ru") is None
+    store.close()
+    files = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.is_file())
+    assert b"qz8vw" not in files

@@ -235,7 +235,8 @@ CASES: dict[ErrorCode, list[bytes]] = {
 
 
 def test_every_error_code_has_cases() -> None:
-    assert set(CASES) == set(ErrorCode)
+    # bad_envelope is the worker's, for its internal topic (tests/unit/test_steps.py): no event gets it
+    assert set(CASES) == set(ErrorCode) - {ErrorCode.BAD_ENVELOPE}
 
 
 @pytest.mark.parametrize(
