@@ -20,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from streams.core import IdentityChange, IdentityGraph, RocksStore, format_explanation, load_rules
+from streams.core.graph import ERASE_TYPE
 from streams.core.rules import session_owner
 from streams.events import Identifier, NormalizedEvent
 from streams.exceptions import ConfigError, InvalidEvent, OmnistitchError, UnknownProfileOrIdentifier
@@ -106,7 +107,7 @@ _worker_validator: Validator | None = None
 def _init_worker() -> None:
     """Build the validator (settings from the inherited environment, compiled normaliser) once per process."""
     global _worker_validator
-    _worker_validator = Validator(NormalizationSettings.from_env())
+    _worker_validator = Validator(NormalizationSettings.from_env(), keep_unlinkable=True)
 
 
 def _check_chunk(lines: list[bytes], keep_envelope: bool) -> list[_Flat | str]:
@@ -178,7 +179,7 @@ def _checked(
     """Validated blocks in input order: in-process, or from `workers` processes, a bounded window ahead."""
     chunks = _chunks(paths, progress)
     if workers <= 0:
-        validator = Validator(settings)
+        validator = Validator(settings, keep_unlinkable=True)
         for chunk in chunks:
             yield _check(validator, chunk)
         return
@@ -213,7 +214,7 @@ def replay(
     n_workers = _workers(workers, total_bytes)
     summary = ReplaySummary()
     graph = IdentityGraph(RocksStore(state), rules)
-    erased_before = graph.stats["erased"]
+    erasing = False  # an erase event: its values must leave RocksDB's files too (compaction at the end)
     started = time.perf_counter()
     link = graph.link
     invalid = summary.invalid
@@ -230,6 +231,7 @@ def replay(
                     invalid[event] += 1
                     continue
                 summary.valid += 1
+                erasing = erasing or event.type == ERASE_TYPE
                 result = link(event)
                 # the final profile is filled in once all input is linked
                 body = (
@@ -271,8 +273,8 @@ def replay(
         finally:
             if res_fh is not None:
                 res_fh.close()
-    if graph.stats["erased"] > erased_before:
-        graph.compact()  # the input erased someone: no copy of their values may stay in the state's files
+    if erasing:
+        graph.compact()
     summary.seconds = time.perf_counter() - started
     summary.stats = dict(graph.stats)
     graph.close()
@@ -459,13 +461,22 @@ def split_command(
     identifiers: list[str] = typer.Argument(  # noqa: B008
         ..., help='Identifiers ("type:value", as `export` lists them) to move to a new profile.'
     ),
-    state: Path = typer.Option(..., "--state", help="State directory written by `replay`."),  # noqa: B008
+    state: Path | None = typer.Option(  # noqa: B008
+        None, "--state", help="State directory written by `replay`; without it, the running stream app's."
+    ),
     reason: str = typer.Option("", "--reason", help="Why, kept in the history (`explain` shows it)."),
 ) -> None:
     """Undo a wrong merge: move identifiers to a new profile that never merges with this one again.
 
-    Prints the new profile id, then the identity changes as JSON lines (the `identity.changes` shape).
+    Prints the new profile id, then the identity changes as JSON lines (the `identity.changes` shape). In the
+    stream app (no `--state`): the request goes to the profile's partition, and the changes are read back
+    from `identity.changes` (settings from KAFKA_BOOTSTRAP and OMNISTITCH_* variables).
     """
+    if state is None:
+        from streams.app.commands import split_in_stream
+
+        split_in_stream(profile_id, identifiers, reason)
+        return
     graph = open_state(state)
     try:
         new_id, changes = graph.split(profile_id, identifiers, reason=reason)

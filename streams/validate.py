@@ -39,11 +39,17 @@ _ENVELOPE_FIXED = frozenset({"schema_version", "source", "type", "occurred_at", 
 class Validator:
     """Settings, the compiled normaliser and its cache, reused for every message of a worker."""
 
-    __slots__ = ("_normalizer", "settings")
+    __slots__ = ("_normalizer", "keep_unlinkable", "settings")
 
-    def __init__(self, settings: NormalizationSettings | None = None) -> None:
+    def __init__(
+        self, settings: NormalizationSettings | None = None, *, keep_unlinkable: bool = False
+    ) -> None:
+        """`keep_unlinkable`: an event whose every identifier was dropped (blocked, invalid) is returned with
+        none, not refused as `no_usable_identifier`: the replay writes it a null assignment (issue 4), where
+        the stream dead-letters it."""
         self.settings = settings or NormalizationSettings()
         self._normalizer = Normalizer(self.settings)
+        self.keep_unlinkable = keep_unlinkable
 
     def validate(self, raw: bytes) -> NormalizedEvent:
         """Parse, validate, normalise; raise InvalidEvent with the first reason the event is unusable."""
@@ -62,7 +68,7 @@ class Validator:
         occurred_at_ms = _epoch_ms(event.occurred_at)
         # RawEvent → (usable identifiers, dropped (type, reason))
         identifiers, dropped = self._identifiers(event)
-        if not identifiers:
+        if not identifiers and not self.keep_unlinkable:
             reasons = ", ".join(f"{t}:{r}" for t, r in dropped)
             raise InvalidEvent(ErrorCode.NO_USABLE_IDENTIFIER, f"every identifier was dropped ({reasons})")
         # The producer's own JSON (now known to match the contract), re-read by orjson: faster than dumping

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -13,7 +14,10 @@ from rich.markup import escape
 from streams.app.topics import create_topics
 from streams.config import AppSettings
 
-__all__ = ["topics_app", "watch_command", "worker_command"]
+__all__ = ["split_in_stream", "topics_app", "watch_command", "worker_command"]
+
+# how long `omnistitch split` waits for the stream app to emit the split
+SPLIT_WAIT_SECONDS = 60.0
 
 topics_app = typer.Typer(help="Manage the app's Kafka topics.", no_args_is_help=True)
 
@@ -92,3 +96,65 @@ def _profile_line(record: dict[str, Any]) -> str:
         f"orders={orders.get('count', 0)}"
     )
     return f"[bold green]profile[/bold green] {escape(detail)} {escape(revenue)}"
+
+
+def split_in_stream(profile_id: str, identifiers: list[str], reason: str) -> None:
+    """`omnistitch split` on the stream app: a `Split` on the internal topic for the profile's partition,
+    then its `profile_split` and `profile_created` read back from `identity.changes` and printed."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from streams.app.protocol import Split, destination, encode_envelopes
+    from streams.app.topics import internal_topic
+
+    settings = AppSettings.from_env()
+    request = f"split-{uuid.uuid4().hex}"
+    msg = Split(profile_id, tuple(identifiers), reason, int(time.time() * 1000), request)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": f"omnistitch-split-{uuid.uuid4().hex[:8]}",  # assigned, never joins or commits
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        # from where identity.changes ends now: the split's changes can only come after
+        metadata = consumer.list_topics("identity.changes", timeout=10).topics["identity.changes"]
+        ends = []
+        for partition in metadata.partitions:
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition("identity.changes", partition), timeout=10
+            )
+            ends.append(TopicPartition("identity.changes", partition, high))
+        consumer.assign(ends)
+        dest = destination(msg, settings.partitions)
+        producer = Producer({"bootstrap.servers": settings.bootstrap})
+        for envelope in encode_envelopes([msg]):
+            producer.produce(internal_topic(settings), key=str(dest).encode(), value=envelope, partition=dest)
+        if producer.flush(30):
+            typer.echo("split failed: the request could not be sent to Kafka", err=True)
+            raise typer.Exit(2)
+        changes: list[dict[str, Any]] = []
+        deadline = time.monotonic() + SPLIT_WAIT_SECONDS
+        while len(changes) < 2 and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            value = None if message is None or message.error() else message.value()
+            if value is None:
+                continue
+            record = orjson.loads(value)
+            if record.get("cause_event_id") == request:
+                changes.append(record)
+    finally:
+        consumer.close()
+    if len(changes) < 2:
+        typer.echo(
+            f"no split of {profile_id} seen in {SPLIT_WAIT_SECONDS:.0f}s: is a worker running, and does the "
+            "profile hold every identifier named (and more)? A refused request counts in "
+            'omnistitch_protocol_dropped_total{reason="split_refused"}',
+            err=True,
+        )
+        raise typer.Exit(1)
+    changes.sort(key=lambda c: c["kind"] != "profile_split")
+    typer.echo(changes[1]["profile_id"])
+    for record in changes:
+        typer.echo(orjson.dumps(record).decode())

@@ -42,6 +42,7 @@ from streams.core.state import (
     MERGED,
     R_FIRST,
     R_LAST,
+    R_ORIGIN,
     R_VERIFIED,
     R_VIA,
     IdentRecord,
@@ -68,13 +69,16 @@ __all__ = [
     "MergeNo",
     "MergeOffer",
     "Msg",
+    "NewerEnvelope",
     "PartitionState",
     "ProfileRow",
+    "Reassign",
     "Release",
     "Repoint",
     "Resolved",
     "Route",
     "RowStore",
+    "Split",
     "TableName",
     "decode_envelope",
     "decode_msg",
@@ -326,6 +330,33 @@ class WeakSeen:
     at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Split:
+    """At `home(pid)`: an operator's split (`omnistitch split`): move `keys` to a new profile kept apart.
+
+    Written to the internal topic by the CLI, not by a worker; `request` is the changes' `cause_event_id`, so
+    the CLI can find them on `identity.changes`.
+    """
+
+    TAG: ClassVar[int] = 15
+    pid: str
+    keys: tuple[str, ...]
+    reason: str
+    at: int
+    request: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reassign:
+    """At `part(key)`: `ids[key].p := dst`, whoever it names. A split moved the identifier out of a profile
+    the register may name by a merged id whose `Repoint` is still on its way; that `Repoint` then finds the
+    register naming `dst`, not its source, and does nothing."""
+
+    TAG: ClassVar[int] = 16
+    key: str
+    dst: str
+
+
 Msg = (
     Route
     | Apply
@@ -341,8 +372,9 @@ Msg = (
     | Release
     | Erase
     | WeakSeen
+    | Split
+    | Reassign
 )
-_PROFILE_MSGS = (Apply, ClaimOk, ClaimTaken, ClaimGeneric, MergeAsk, MergeOffer, MergeDone, MergeNo, Erase)
 
 
 def destination(msg: Msg, n: int) -> int:
@@ -366,6 +398,8 @@ _DESTINATIONS: dict[type, Callable[[Any, int], int]] = {
     Repoint: lambda m, n: part(m.key, n),
     Release: lambda m, n: part(m.key, n),
     WeakSeen: lambda m, n: part(m.key, n),
+    Split: lambda m, n: home(m.pid, n),
+    Reassign: lambda m, n: part(m.key, n),
 }
 
 
@@ -495,6 +529,10 @@ def _to_obj(m: Msg) -> list[Any]:
             return [m.TAG, m.key, m.pid, m.ev_id, m.at]
         case WeakSeen():
             return [m.TAG, m.key, m.owner, m.person, m.ev_id, m.at]
+        case Split():
+            return [m.TAG, m.pid, list(m.keys), m.reason, m.at, m.request]
+        case Reassign():
+            return [m.TAG, m.key, m.dst]
 
 
 def _from_obj(d: list[Any]) -> Msg:
@@ -532,6 +570,10 @@ def _from_obj(d: list[Any]) -> Msg:
         return Erase(d[1], d[2], d[3], d[4])
     if tag == WeakSeen.TAG:
         return WeakSeen(d[1], d[2], d[3], d[4], d[5])
+    if tag == Split.TAG:
+        return Split(d[1], tuple(d[2]), d[3], d[4], d[5])
+    if tag == Reassign.TAG:
+        return Reassign(d[1], d[2])
     raise ValueError(f"unknown protocol message tag {tag!r}")
 
 
@@ -564,27 +606,39 @@ def encode_envelopes(msgs: Sequence[Msg], most_bytes: int = ENVELOPE_MOST_BYTES)
         return [whole]
     out: list[bytes] = []
     parts: list[bytes] = []
-    size = 0
+    size = len(_ENVELOPE_HEAD) + len(_ENVELOPE_TAIL)
     for m in msgs:
         part = orjson.dumps(_to_obj(m), default=_default)
-        if parts and size + len(part) > most_bytes:
+        if parts and size + 1 + len(part) > most_bytes:  # 1: the comma before it
             out.append(_envelope_of(parts))
-            parts, size = [], 0
+            parts, size = [], len(_ENVELOPE_HEAD) + len(_ENVELOPE_TAIL)
+        size += len(part) + (1 if parts else 0)
         parts.append(part)
-        size += len(part) + 1
     out.append(_envelope_of(parts))
     return out
 
 
+# byte for byte what orjson writes for {"v": 1, "m": [...]}
+_ENVELOPE_HEAD = b'{"v":%d,"m":[' % ENVELOPE_VERSION
+_ENVELOPE_TAIL = b"]}"
+
+
 def _envelope_of(parts: list[bytes]) -> bytes:
-    # byte for byte what orjson writes for {"v": 1, "m": [...]}
-    return b'{"v":%d,"m":[' % ENVELOPE_VERSION + b",".join(parts) + b"]}"
+    return _ENVELOPE_HEAD + b",".join(parts) + _ENVELOPE_TAIL
+
+
+class NewerEnvelope(RuntimeError):
+    """An envelope of a later protocol version: a newer worker shares the group. Not bad input (the DLQ would
+    lose messages a lock may wait for): the worker stops; upgrades stop every older worker first."""
 
 
 def decode_envelope(raw: bytes) -> list[Msg]:
-    """Inverse of `encode_envelope`; ValueError on an unknown version or tag."""
+    """Inverse of `encode_envelopes`; ValueError on what is no v1 envelope (or holds an unknown tag)."""
     d = orjson.loads(raw)
-    if not isinstance(d, dict) or d.get("v") != ENVELOPE_VERSION:
+    version = d.get("v") if isinstance(d, dict) else None
+    if isinstance(version, int) and version > ENVELOPE_VERSION:
+        raise NewerEnvelope(f"protocol envelope v{version}; this worker reads v{ENVELOPE_VERSION}")
+    if version != ENVELOPE_VERSION:
         raise ValueError("not a v1 protocol envelope")
     return [_from_obj(m) for m in d["m"]]
 
@@ -806,7 +860,7 @@ class Effects:
     - `changes`: identity changes, `seq` per profile from the profile row;
     - `profiles`: profile ids (homed here) whose snapshot changed: publish one snapshot each (a tombstone
       when the profile is now merged or erased) after the batch;
-    - `sends`: destination partition → messages, in handling order (one envelope per destination);
+    - `sends`: destination partition → messages, in handling order (one envelope per destination, or a few);
     - `dropped`: messages dropped on purpose, by reason (a metric, bounded labels).
     """
 
@@ -895,6 +949,10 @@ def _dispatch(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
             if row is not None and row.p == m.src:
                 row.p = m.dst
                 ctx.st.put_id(m.key, row)
+        case Reassign():
+            row = ctx.st.get_id(m.key) or IdRow()
+            row.p = m.dst
+            ctx.st.put_id(m.key, row)
         case Release():
             _release(ctx, m)
         case Erase() if m.pid is None:
@@ -1050,6 +1108,8 @@ def _target(m: Msg) -> str:
         case Erase():
             assert m.pid is not None
             return m.pid
+        case Split():
+            return m.pid
     raise TypeError(type(m).__name__)  # pragma: no cover
 
 
@@ -1057,9 +1117,10 @@ def _must_defer(row: ProfileRow, m: Msg, *, from_queue: bool) -> bool:
     """§5.3: a locked loser defers all but its merge reply; FIFO behind `q`; merges wait for claims."""
     if row.lk is not None:
         return not isinstance(m, MergeDone | MergeNo)
-    if isinstance(m, Apply | MergeAsk | MergeOffer | Erase) and row.q and not from_queue:
+    if isinstance(m, Apply | MergeAsk | MergeOffer | Erase | Split) and row.q and not from_queue:
         return True
-    return isinstance(m, MergeAsk | MergeOffer) and bool(row.cl)
+    # a split, like a merge, moves identifiers: not while the profile's claims are in flight
+    return isinstance(m, MergeAsk | MergeOffer | Split) and bool(row.cl)
 
 
 def _at_profile(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
@@ -1101,6 +1162,8 @@ def _at_profile(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
             _merge_no(ctx, row, m)
         case Erase():
             _erase_profile(ctx, row, m)
+        case Split():
+            _split(ctx, row, m)
         case _:  # pragma: no cover
             raise TypeError(type(m).__name__)
     _drain(ctx, row)
@@ -1149,6 +1212,8 @@ def _forward(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
             ctx.fx.dropped["reply_at_stub"] += 1  # idempotent: the merge already completed
         case Erase():
             ctx.send(Erase(m.key, into, m.ev_id, m.at))
+        case Split():
+            ctx.send(Split(into, m.keys, m.reason, m.at, m.request))
         case _:  # pragma: no cover
             raise TypeError(type(m).__name__)
 
@@ -1431,6 +1496,8 @@ def _judge_merge(
     each one on what the profiles knew by its time. So the evidence rules see each profile as of the event's
     time, and the hard ones (unique ids, limits, size cap, `apart`) judge the whole state.
     """
+    _refresh_apart(w, loser)
+    _refresh_apart(loser, w)
     refusal = check_merge(w, loser, side_w, side_l, st.rules, m.at, corroborated=m.corr)
     if refusal is None or refusal.rule not in _EVIDENCE_RULES:
         return refusal
@@ -1506,6 +1573,53 @@ def _merge_done(ctx: _Ctx, row: ProfileRow, m: MergeDone) -> None:
     pending, row.q = row.q, []
     for deferred in pending:
         _forward(ctx, row, deferred)
+
+
+def _split(ctx: _Ctx, row: ProfileRow, m: Split) -> None:
+    """The core's `split`: the identifiers (and so their future events) move to a new profile, born here,
+    kept apart from this one for good. A request the core would refuse is dropped, counted."""
+    p = row.state
+    keys = sorted(set(m.keys))
+    if not keys or len(keys) == len(p.ids) or any(k not in p.ids for k in keys):
+        ctx.fx.dropped["split_refused"] += 1
+        return
+    st = ctx.st
+    nid = new_profile_id(
+        f"split:{p.id}:{p.seq}", m.at, st.partition, st.n, lambda x: st.get_profile(x) is not None
+    )
+    n = ProfileState(nid, m.at)
+    n.split_from = p.id
+    for key in keys:
+        rec = p.remove_identifier(key)
+        assert rec is not None
+        rec[R_ORIGIN] = nid
+        rec[R_VIA] = f"split:{p.id}"
+        n.add_identifier(key, rec)
+        ctx.send(Reassign(key, nid))
+    n.apart = (p.id,)
+    p.apart = (*p.apart, nid)
+    ctx.emit(
+        row,
+        ChangeKind.SPLIT,
+        m.request,
+        m.at,
+        {"split_profile_id": nid, "identifiers": keys, "reason": m.reason},
+    )
+    ctx.emit(
+        ProfileRow(n),
+        ChangeKind.CREATED,
+        m.request,
+        m.at,
+        {"identifiers": keys, "split_from": p.id, "reason": m.reason},
+    )
+
+
+def _refresh_apart(p: ProfileState, other: ProfileState) -> None:
+    """Ids `p` was split apart from that `other` has absorbed since stand for `other` now: the core maps
+    `apart` to live profiles, and the one being judged is the live one they lead to here."""
+    if p.apart and other.merged_from:
+        absorbed = set(other.merged_from)
+        p.apart = tuple(dict.fromkeys(other.id if x in absorbed else x for x in p.apart))
 
 
 def _merge_no(ctx: _Ctx, row: ProfileRow, m: MergeNo) -> None:

@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING
 from faust.stores.rocksdb import RocksDBOptions
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TableT
-from rocksdict import AccessType, DBPath, Rdict, ReadOptions, WriteBatch
+from rocksdict import AccessType, Rdict, ReadOptions, WriteBatch
 
 from streams.topic_reader import committed_messages
 
@@ -56,9 +56,15 @@ def keep_table_options_on_reopen() -> None:
     same way). Process-wide, idempotent; otherwise faust-streaming 0.15's `RocksDBOptions.open` (rocksdict).
     """
 
-    def open_keeping_options(self: RocksDBOptions, path: Path, *, read_only: bool = False) -> Rdict:
+    faust_open = RocksDBOptions.open
+    if faust_open.__name__ == "open_keeping_options":
+        return
+
+    def open_keeping_options(self: RocksDBOptions, path: Path, *, read_only: bool = False) -> Any:
+        if not self.use_rocksdict:
+            return faust_open(self, path, read_only=read_only)
+        # as faust opens it (a fresh `as_options()`: faust's `db_paths` never reaches it), plus the family
         options = self.as_options()
-        options.set_db_paths([DBPath(str(path), self.target_file_size_base)])
         access = AccessType.read_write() if self.ttl is None else AccessType.with_ttl(self.ttl)
         db = Rdict(str(path), options=options, column_families={"default": options}, access_type=access)
         db.set_read_options(ReadOptions())

@@ -8,7 +8,7 @@ Topology (every topic has N partitions; partition p of all of them belongs to on
       │   raw   → validate ─┬─▶ dlq                 DlqRecord: named code + original bytes
       │                     └─▶ protocol.ingest     Route to the anchor's partition (inline when it is p)
       │   internal → protocol.handle               Route / Apply / Claim / Merge* / Repoint / Release / Erase
-      ├──▶ <app>-internal [q]   messages for other partitions, one envelope per (batch, p, q)
+      ├──▶ <app>-internal [q]   messages for other partitions, one envelope per (batch, p, q), or a few
       ├──▶ events.resolved      key: profile_id; each event exactly once, where its profile lives
       ├──▶ identity.changes     key: profile_id; seq per profile
       ├──▶ profiles             key: profile_id; one snapshot per changed profile per batch, tombstones

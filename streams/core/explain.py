@@ -34,7 +34,7 @@ def _explain_identifier(graph: IdentityGraph, key: str) -> dict[str, Any]:
     # refusals naming it, on whichever profile they were pinned (the event's, often not the value's own)
     refusals = [
         {**entry, "profile_id": holder}
-        for holder, _, entry in graph.refusals_naming(key)
+        for holder, entry in graph.refusals_naming(key)
         if entry["k"] == "merge_refused"
     ]
     if pid is None:

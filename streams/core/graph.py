@@ -961,22 +961,34 @@ class IdentityGraph:
             self._erase_keys([key])
         return LinkResult(None, tuple(changes), None)
 
-    def refusals_naming(self, key: str) -> list[tuple[str, bytes, dict[str, Any]]]:
-        """(profile id, history key, entry) of the stored refusals that name `key` (the `r:` index).
+    def _refusal_refs(self, key: str) -> list[tuple[bytes, bytes]]:
+        """(index key, history key) of every refusal naming `key` in the `r:` index, its entry kept or not.
 
         Only `key` itself: a value may hold ':' (a cookie), so the scan of `r:cookie_id:a:` also meets
         `cookie_id:a:b`'s entries; after the key, an entry's index key holds `<profile id>:<seq>`, one ':'.
         """
         self.flush()
         prefix = f"r:{key}:".encode()
-        out: list[tuple[str, bytes, dict[str, Any]]] = []
-        for rkey, hkey in self.store.iter_prefix(prefix):
-            if rkey.count(b":", len(prefix)) != 1:
-                continue
+        return [(r, h) for r, h in self.store.iter_prefix(prefix) if r.count(b":", len(prefix)) == 1]
+
+    def refusals_naming(self, key: str) -> list[tuple[str, dict[str, Any]]]:
+        """(profile id, history entry) of the stored refusals that name `key`, on whichever profile."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for _, hkey in self._refusal_refs(key):
             raw = self.store.get(hkey)
             if raw is not None:
-                out.append((rkey[len(prefix) :].split(b":")[0].decode(), hkey, orjson.loads(raw)))
+                out.append((hkey.split(b":")[1].decode(), orjson.loads(raw)))
         return out
+
+    def _drop_entry(self, hkey: bytes, raw: bytes) -> None:
+        """Delete one history entry; a refusal's `r:` index keys go with it (they name other identifiers)."""
+        self._writes.append((hkey, None))
+        if b'"merge_refused"' in raw:
+            entry = orjson.loads(raw)
+            if entry.get("k") == ChangeKind.REFUSED.value:
+                _, pid, seq = hkey.decode().split(":")
+                for key in entry.get("identifiers", ()):
+                    self._writes.append((f"r:{key}:{pid}:{seq}".encode(), None))
 
     def _erase_keys(self, keys: list[str]) -> None:
         """Drop identifier-level traces: index entry, generic mark, refusals naming it elsewhere."""
@@ -987,10 +999,11 @@ class IdentityGraph:
                 self._generic.discard(key)
                 self._shared.discard(key)
                 self._writes.append((b"g:" + key.encode(), None))
-            for pid, hkey, _ in self.refusals_naming(key):
-                seq = hkey.rsplit(b":", 1)[1].decode()
-                self._writes.append((f"r:{key}:{pid}:{seq}".encode(), None))
-                self._writes.append((hkey, None))
+            for rkey, hkey in self._refusal_refs(key):
+                self._writes.append((rkey, None))  # even when its entry went already (an erased profile's)
+                raw = self.store.get(hkey)
+                if raw is not None:
+                    self._drop_entry(hkey, raw)
 
     def _erase_profile(self, out: list[IdentityChange], p: ProfileState, ev_id: str | None, at: int) -> None:
         keys = sorted(p.ids)
@@ -999,8 +1012,8 @@ class IdentityGraph:
         self._erase_keys(keys)
         self._redact_history(list(dict.fromkeys(parents)), keys)
         for pid in [p.id, *p.merged_from]:
-            for hkey, _ in list(self.store.iter_prefix(f"h:{pid}:".encode())):
-                self._writes.append((hkey, None))
+            for hkey, raw in list(self.store.iter_prefix(f"h:{pid}:".encode())):
+                self._drop_entry(hkey, raw)
         p.wipe(ERASED)
         p.seq += 1
         self._touch(p)

@@ -148,7 +148,8 @@ class RocksStore:
         RocksDB deletes by writing tombstones that carry the key, so an erased identifier stays in its files
         (old values, earlier versions of a redacted entry, the tombstones) until a compaction rewrites them,
         and the MANIFEST names each file's first and last keys until the next open starts a new one. A full
-        rewrite: run it after erasing, not per event.
+        rewrite: run it after erasing, not per event, and with no `iter_prefix` iterator open (it holds the
+        database, which then cannot be reopened).
         """
         from rocksdict import BottommostLevelCompaction, CompactOptions
 

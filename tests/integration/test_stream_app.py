@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +20,7 @@ from streams.app.topics import create_topics
 from streams.config import AppSettings
 from streams.evaluate import assignments_from_resolved, read_topic_to_end
 from streams.topic_reader import read_to_end as read_topic
-from tests.integration.workers import Worker, topic_values, wait_for
+from tests.integration.workers import ROOT, Worker, topic_values, wait_for
 
 
 def _send(bootstrap: str, topic: str, value: bytes, key: bytes | None = None) -> None:
@@ -291,3 +293,45 @@ def test_large_events_and_a_foreign_internal_record_never_stop_the_worker(
     ]
     assert (dead["error_code"], dead["stage"], dead["partition"]) == ("bad_envelope", "internal", away)
     assert worker.proc.poll() is None
+
+
+def test_an_operator_splits_kolyas_profile_in_the_running_stream(
+    worker: Worker, kafka_bootstrap: str
+) -> None:
+    """`omnistitch split` without --state: the worker moves the web identifiers to a new profile, publishes
+    `profile_split` and `profile_created`, and the cookie's next event resolves to the new profile."""
+    run = uuid.uuid4().hex[:10]
+    resolved = _resolve_all(kafka_bootstrap, _kolya(run))
+    kolya = resolved[f"{run}-pos"]["profile_id"]
+    web = f"cookie_id:ck-{run}", f"email:kolya.{run}@mail.ru"
+    wait_for(
+        "the merge",
+        lambda: any(
+            v and v["kind"] == "profiles_merged" and v["profile_id"] == kolya
+            for _, v in topic_values(kafka_bootstrap, "identity.changes")
+        ),
+    )
+    split = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "split", kolya, *web, "--reason", "his wife's laptop"],
+        env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "OMNISTITCH_APP_ID": worker.app_id, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert split.returncode == 0, split.stderr
+    new_id, *lines = split.stdout.splitlines()
+    changes = [orjson.loads(line) for line in lines]
+    assert [(c["kind"], c["profile_id"]) for c in changes] == [
+        ("profile_split", kolya),
+        ("profile_created", new_id),
+    ]
+    assert changes[0]["new_profiles"] == [new_id] and changes[0]["reason"] == "his wife's laptop"
+    assert sorted(changes[1]["identifiers"]) == sorted(web)
+
+    later = {**_kolya(run)[1], "event_id": f"{run}-web-2", "occurred_at": "2026-11-25T10:00:00+03:00"}
+    later["identifiers"] = [{"type": "cookie_id", "value": f"ck-{run}"}]
+    assert _resolve_all(kafka_bootstrap, [later])[f"{run}-web-2"]["profile_id"] == new_id
+    latest = dict(topic_values(kafka_bootstrap, "profiles"))
+    assert set(latest[new_id.encode()]["identifiers"]) == {"cookie_id", "email"}  # type: ignore[index]
+    assert set(latest[kolya.encode()]["identifiers"]) == {"loyalty_card", "phone", "device_id"}  # type: ignore[index]

@@ -3,7 +3,7 @@
 Kafka, modelled just enough to break the protocol if it relies on anything Kafka does not promise:
 - N partitions; each has a raw input queue (pre-filled) and an internal log (envelopes), consumed in order;
 - a batch handles a random number of records of one partition, then *commits*: dirty rows go to the committed
-  store, sends become one envelope per destination, queued in a per-(source, destination) transit FIFO;
+  store, sends become envelopes per destination, queued in a per-(source, destination) transit FIFO;
 - a seeded scheduler picks between running a partition and delivering the head of a random transit FIFO, so
   order is kept per (source, destination) pair (one producer per partition, as in Kafka) but messages from
   different sources interleave arbitrarily;
@@ -26,10 +26,12 @@ from streams.app.protocol import (
     Effects,
     IdRow,
     MemoryRowStore,
+    Msg,
     PartitionState,
     ProfileRow,
     Resolved,
     decode_envelope,
+    destination,
     encode_envelopes,
     handle,
     ingest,
@@ -113,6 +115,10 @@ class Sim:
         """Put events on raw partitions (random, like a producer keyed by something else), in order."""
         for ev in events:
             self.raw[self.rng.randrange(self.n)].append(ev)
+
+    def inject(self, msg: Msg) -> None:
+        """A record on the internal topic that no worker wrote: an operator's request (`omnistitch split`)."""
+        self.log[destination(msg, self.n)].extend(encode_envelopes([msg]))
 
     def _runnable(self) -> list[int]:
         return [i for i in range(self.n) if self.raw[i] or self.log[i]]

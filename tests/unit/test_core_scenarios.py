@@ -431,12 +431,35 @@ def test_explain_lists_a_refusal_pinned_on_the_events_profile() -> None:
     ]
 
 
+def test_erasing_the_people_a_refusal_names_leaves_no_index_key_naming_them() -> None:
+    """A refusal on the attacker's profile names two of the victim's values. Once the victim is erased, alone
+    or after the attacker, no key or value names her (a first cut kept `r:` keys of the second value)."""
+    for attacker_too in (False, True):
+        g = IdentityGraph()
+        victim = g.link(
+            ev(
+                "v",
+                "email:victim@x.ru",
+                "phone:+79995550001",
+                verified=("email:victim@x.ru", "phone:+79995550001"),
+            )
+        )
+        attacker = g.link(ev("a", "phone:+79990000002", verified=("phone:+79990000002",)))
+        hijack = g.link(ev("h", "phone:+79990000002", "email:victim@x.ru", "phone:+79995550001"))
+        (refusal,) = [c for c in hijack.changes if c.kind is ChangeKind.REFUSED]
+        assert refusal.payload["identifiers"] == ["email:victim@x.ru", "phone:+79995550001"]
+        for pid in [attacker.profile_id] * attacker_too + [victim.profile_id]:
+            g.erase(pid or "")
+        dump = _dump(g)
+        assert b"victim@x.ru" not in dump and b"+79995550001" not in dump
+
+
 def test_erasing_a_value_with_a_colon_keeps_refusals_naming_a_longer_value() -> None:
     g = IdentityGraph(rules=Rules(limits={"cookie_id": TypeLimit(1)}))
     g.link(ev("1", "customer_id:Y", "cookie_id:a"))
     x = g.link(ev("2", "customer_id:X", "cookie_id:c"))
     g.link(ev("3", "customer_id:X", "cookie_id:a:b"))  # a second cookie for X: refused by the limit
-    assert [e["rule"] for _, _, e in g.refusals_naming("cookie_id:a:b")] == ["limit:cookie_id"]
+    assert [e["rule"] for _, e in g.refusals_naming("cookie_id:a:b")] == ["limit:cookie_id"]
     assert g.refusals_naming("cookie_id:a") == []
     g.erase("cookie_id:a")
     assert [e["rule"] for e in g.history(x.profile_id or "") if e["k"] == "merge_refused"] == [

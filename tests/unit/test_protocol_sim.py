@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import typing
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -435,6 +435,128 @@ def test_a_refusal_is_pinned_and_worded_as_the_core_does() -> None:
         assert _refusal_signatures(sim.changes, in_stream) == expected
 
 
+def _partition(profiles: Iterable[Iterable[str]]) -> set[frozenset[str]]:
+    return {frozenset(ids) for ids in profiles}
+
+
+def _split_story(
+    before: list[NormalizedEvent], keys: tuple[str, ...], after: list[NormalizedEvent]
+) -> tuple[IdentityGraph, list[IdentityChange], Iterator[tuple[Sim, Final, list[IdentityChange]]]]:
+    """`before`, an operator's split of `keys` off their profile, then `after`: in the core (with its
+    changes), and lazily in the protocol on 1, 3 and 8 partitions with crashes (with each run's split
+    changes)."""
+    core = IdentityGraph(rules=load_rules())
+    for ev in before:
+        core.link(ev)
+    pid = core.lookup(keys[0])
+    assert pid is not None
+    _, core_changes = core.split(pid, list(keys), at_ms=5_000, reason="two people")
+    for ev in after:
+        core.link(ev)
+
+    def runs() -> Iterator[tuple[Sim, Final, list[IdentityChange]]]:
+        for n in (1, 3, 8):
+            for seed in range(4):
+                sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+                for ev in before:
+                    sim.feed([ev])
+                    final = sim.run()
+                holder = final.resolve(final.ids[keys[0]].p)
+                assert holder is not None
+                sim.inject(protocol.Split(holder, keys, "two people", 5_000, f"split-{seed}"))
+                final = sim.run()
+                split = [c for c in sim.changes if c.event_id == f"split-{seed}"]
+                for ev in after:
+                    sim.feed([ev])
+                    final = sim.run()
+                yield sim, final, split
+
+    return core, list(core_changes), runs()
+
+
+def test_an_operators_split_moves_identifiers_and_their_future_events_as_in_the_core() -> None:
+    """Kolya's profile took his sister's phone and tablet; the operator splits them off. Her next visit goes
+    to the new profile, and an event naming Kolya's account with her phone is refused (`split_apart`)."""
+    verified = {"customer_id:kolya", "phone:+79160000001"}
+    before = _verified(
+        [
+            _ev("kolya", "customer_id:kolya", "email:kolya@x.ru", at=1_000),
+            _ev("login", "customer_id:kolya", "phone:+79160000001", at=2_000),
+            _ev("tablet", "phone:+79160000001", "device_id:sis-tablet", at=3_000),
+        ],
+        verified,
+    )
+    after = _verified(
+        [
+            _ev("her-visit", "device_id:sis-tablet", "cookie_id:c9", at=6_000),
+            _ev("mixed-up", "customer_id:kolya", "phone:+79160000001", at=7_000),
+        ],
+        verified,
+    )
+    keys = ("phone:+79160000001", "device_id:sis-tablet")
+    core, core_split, runs = _split_story(before, keys, after)
+    want = _partition(p.ids for p in core.iter_profiles())
+    assert want == {
+        frozenset({"customer_id:kolya", "email:kolya@x.ru"}),
+        frozenset({*keys, "cookie_id:c9"}),
+    }
+    assert [c.kind for c in core_split] == [ChangeKind.SPLIT, ChangeKind.CREATED]
+    for sim, final, split in runs:
+        assert _partition(p.ids for p in final.live().values()) == want
+        assert [(c.kind, c.payload["identifiers"]) for c in split] == [
+            (ChangeKind.SPLIT, sorted(keys)),
+            (ChangeKind.CREATED, sorted(keys)),
+        ]
+        sister = final.resolve(final.ids["device_id:sis-tablet"].p)
+        assert (
+            split[1].profile_id == sister and final.profiles[sister].state.split_from == split[0].profile_id
+        )
+        by_event = {r.event.event_id: final.resolve(r.profile_id) for r in sim.resolved}
+        assert by_event["her-visit"] == sister
+        refused = [
+            c.payload["rule"]
+            for c in sim.changes
+            if c.event_id == "mixed-up" and c.kind is ChangeKind.REFUSED
+        ]
+        assert refused == ["split_apart"]
+        assert_quiescent(final)
+        assert_registers_agree(final)
+
+
+def test_profiles_split_apart_stay_apart_after_each_merges_into_an_older_one() -> None:
+    """After the split, each side merges into an older profile; the two survivors must still not merge
+    (the core maps `apart` to the live profiles; the protocol reads it off the survivors' `merged_from`)."""
+    verified = {"email:w@x.ru", "loyalty_card:X1", "phone:+79110000001", "email:p@x.ru"}
+    before = _verified(
+        [
+            _ev("w", "email:w@x.ru", at=1_000),
+            _ev("x", "loyalty_card:X1", at=2_000),
+            _ev("p", "phone:+79110000001", "email:p@x.ru", "device_id:d1", at=3_000),
+        ],
+        verified,
+    )
+    after = _verified(
+        [
+            _ev("pw", "phone:+79110000001", "email:w@x.ru", at=6_000),
+            _ev("nx", "email:p@x.ru", "loyalty_card:X1", at=7_000),
+            _ev("bridge", "email:w@x.ru", "loyalty_card:X1", at=8_000),
+        ],
+        verified,
+    )
+    core, _, runs = _split_story(before, ("email:p@x.ru",), after)
+    want = _partition(p.ids for p in core.iter_profiles())
+    assert want == {
+        frozenset({"email:w@x.ru", "phone:+79110000001", "device_id:d1"}),
+        frozenset({"loyalty_card:X1", "email:p@x.ru"}),
+    }
+    for sim, final, _ in runs:
+        assert _partition(p.ids for p in final.live().values()) == want
+        refused = [
+            c.payload["rule"] for c in sim.changes if c.event_id == "bridge" and c.kind is ChangeKind.REFUSED
+        ]
+        assert refused == ["split_apart"]
+
+
 def test_erase_wipes_profile_and_releases_registers() -> None:
     events = [_ev("a", "email:x@y.z", "cookie_id:k", at=1), _ev("b", "cookie_id:k", at=2)]
     sim = Sim(3, load_rules(), seed=7)
@@ -568,6 +690,8 @@ def test_messages_round_trip_through_bytes() -> None:
         Release("email:a@b.c", "P", True),
         Erase("email:a@b.c", None, "e9", 6),
         WeakSeen("device_id:d", "Q", "P", "e1", 5),
+        protocol.Split("P", ("phone:+71", "email:a@b.c"), "two people", 6, "split-1"),
+        protocol.Reassign("phone:+71", "N"),
     ]
     for m in msgs:
         back = decode_msg(encode_msg(m))
@@ -590,8 +714,11 @@ def test_messages_round_trip_through_bytes() -> None:
     back = [m for p in parts for m in decode_envelope(p)]
     assert [type(m) for m in back] == [Repoint] * 250 + [Route] + [Repoint] * 250
     assert back[:250] == small[:250] and back[251:] == small[250:]
-    with pytest.raises(ValueError):
+    with pytest.raises(protocol.NewerEnvelope):  # a newer worker's: the worker stops, no DLQ
         decode_envelope(b'{"v":2,"m":[]}')
+    for foreign in (b"[1]", b'{"m":[]}', b'{"v":"1","m":[]}', b'{"v":1,"m":[[99]]}'):
+        with pytest.raises(ValueError):
+            decode_envelope(foreign)
     # envelopes 0.3.1 left in the internal topic still decode: no ClaimGeneric rule / other, a claim's other
     # identifiers as keys, no `others` on ClaimTaken, MergeAsk and MergeOffer
     assert decode_msg(b'[6,"P","email:a@b.c","e1",5,true,false]') == msgs[5]

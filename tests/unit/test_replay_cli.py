@@ -115,6 +115,27 @@ def test_replay_writes_final_profiles_and_counts_invalid_lines(kolya_file: Path,
     assert missing.exit_code == 1
 
 
+def test_an_event_with_only_blocked_values_gets_a_null_assignment_line(tmp_path: Path) -> None:
+    """Issue 4: one line per valid event, `null` when none of its identifiers links, "e.g. only blocked or
+    generic values" (0.3.3 counted it invalid, `no_usable_identifier`, and wrote no line)."""
+    src = tmp_path / "blocked.jsonl"
+    src.write_bytes(
+        envelope("b1", "10:00:00", ("email", "test@test.com", False), ("phone", "+7 000 000 00 00", False))
+        + b"\n"
+        + envelope("b2", "10:01:00", ("email", "anna@mail.ru", False))
+        + b"\n"
+        + b'{"schema_version": 1, "event_id": "b3", "identifiers": []}\n'
+    )
+    out = tmp_path / "a.jsonl"
+    result = runner.invoke(
+        app, ["replay", str(src), "--state", str(tmp_path / "s"), "--assignments", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    by_id = {r["event_id"]: r["profile_id"] for r in read(out)}
+    assert by_id["b1"] is None and by_id["b2"] is not None and "b3" not in by_id  # b3 breaks the contract
+    assert "schema_violation" in result.output and "no_usable_identifier" not in result.output
+
+
 def test_replay_is_deterministic_across_state_dirs(kolya_file: Path, tmp_path: Path) -> None:
     outs = []
     for n in range(2):
@@ -384,6 +405,24 @@ def test_an_erase_event_in_the_input_leaves_no_copy_in_the_state_files(
     assert replayed(erase, state, tmp_path / "b.jsonl") == {"z1": None}
     assert exported(state) == {}
     assert traces(state) == []
+
+
+def test_an_erase_event_for_a_value_only_a_refusal_names_also_compacts(tmp_path: Path) -> None:
+    state, src = tmp_path / "state", tmp_path / "in.jsonl"
+    src.write_bytes(
+        envelope("r1", "10:00:00", ("customer_id", "cu-1", True), ("phone", "+79160000001", False))
+        + b"\n"
+        + envelope("r2", "10:01:00", ("customer_id", "cu-1", True), ("customer_id", "czq8secret7", True))
+        + b"\n"  # the second customer id is refused (one per profile) and owned by no profile
+    )
+    replayed(src, state, tmp_path / "a.jsonl")
+    assert b"q8secr" in state_bytes(state)
+    erase = tmp_path / "erase.jsonl"
+    erase.write_bytes(
+        envelope("z1", "12:00:00", ("customer_id", "czq8secret7", True), type="erase", attributes={})
+    )
+    replayed(erase, state, tmp_path / "b.jsonl")
+    assert b"q8secr" not in state_bytes(state)
 
 
 def test_erase_after_a_split_scrubs_the_refusals_and_history_naming_the_value(
