@@ -52,6 +52,12 @@ test: setup ## unit + integration tests against a broker the tests start (and al
 test-unit: setup ## unit tests only (no broker)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+test-integration: setup ## integration tests only, against a broker they start (and always stop)
+	@trap '$(KAFKA) down --state-dir $(RUN_DIR)/test-kafka' EXIT; $(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+schemas: setup ## regenerate schemas/json and schemas/asyncapi.yaml from the pydantic contracts
+	$(PY) -m streams.cli schemas
+
 bench: setup ## benchmarks: print figures (see BENCHMARKS.md)
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 

@@ -173,6 +173,10 @@ class ProfilesMerged(IdentityChangeV1):
     kind: Literal["profiles_merged"] = "profiles_merged"
     survivor: str
     merged: list[str] = Field(min_length=1, description="Profiles absorbed (tombstoned on `profiles`).")
+    identifiers_moved: list[_Key] = Field(
+        default_factory=list,
+        description="Identifiers the absorbed profiles brought to the survivor (empty in older records).",
+    )
 
 
 class MergeRefused(IdentityChangeV1):
@@ -182,6 +186,15 @@ class MergeRefused(IdentityChangeV1):
     reason: str
     rule: str
     candidates: list[str] = Field(default_factory=list, description="Profiles that would have merged.")
+    identifiers: list[_Key] = Field(
+        default_factory=list,
+        description=(
+            "The event's identifiers the refusal is about: for a refused merge, those the other profile"
+            " keeps; for a refused attach, the identifier left out; for rule `generic_value` or"
+            " `shared_device`, the value that stopped linking (events anchored by it are no longer"
+            " attributed). Empty in records written before this field existed."
+        ),
+    )
 
 
 class ProfileSplit(IdentityChangeV1):

@@ -25,6 +25,8 @@ class AppSettings:
     sources: tuple[str, ...] = DEFAULT_SOURCES
     data_dir: Path = Path(".state/worker")
     web_port: int = 6066
+    # loopback by default (nothing exposed by accident); 0.0.0.0 or the host's address for a remote Prometheus
+    web_bind: str = "127.0.0.1"
     standby_replicas: int = 0
     replication_factor: int = 1
     rules_file: Path | None = None
@@ -44,6 +46,7 @@ class AppSettings:
             sources=_csv(env["OMNISTITCH_SOURCES"]) if env.get("OMNISTITCH_SOURCES") else DEFAULT_SOURCES,
             data_dir=Path(env.get("OMNISTITCH_DATA_DIR", str(defaults.data_dir))),
             web_port=int(env.get("OMNISTITCH_WEB_PORT", defaults.web_port)),
+            web_bind=env.get("OMNISTITCH_WEB_BIND", defaults.web_bind),
             standby_replicas=int(env.get("OMNISTITCH_STANDBY_REPLICAS", defaults.standby_replicas)),
             replication_factor=int(env.get("OMNISTITCH_REPLICATION_FACTOR", defaults.replication_factor)),
             rules_file=Path(rules) if rules else None,

@@ -19,13 +19,16 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
 
 from streams.core.rules import RULE_GENERIC, RULE_SHARED
 from streams.topic_reader import TopicNotFound, read_to_end
+
+if TYPE_CHECKING:
+    from streams.normalize import NormalizationSettings
 
 __all__ = [
     "Scores",
@@ -173,16 +176,21 @@ def assignments_from_resolved(
     are `identity.changes` records: a `profiles_merged` record says each id in `merged` was folded into its
     `survivor`, and the chain is followed to its end (cycles are cut). An event whose `anchor` was later found
     generic or shared (a `merge_refused` record with rule `generic_value` or `shared_device`) is unattributed,
-    as in the replay. The last resolved record of an event wins (at-least-once delivery may repeat one).
+    as in the replay. An event whose final profile (merges followed) was erased (`profile_erased`) gets None,
+    as `replay` gives it: erased is where a chain ends, so the check is made after following merges. The last
+    resolved record of an event wins (at-least-once delivery may repeat one).
     Limitation: a later *split* moves some identifiers to a new profile, which this chain cannot tell per
     event; after splits, prefer the offline replay's assignments.
     """
     merged_into: dict[str, str] = {}
     generic: set[str] = set()
+    erased: set[str] = set()
     for change in changes:
         kind = change.get("kind")
         if kind == "merge_refused" and change.get("rule") in _STOPS_LINKING:
             generic.update(change.get("identifiers") or ())
+        if kind == "profile_erased":
+            erased.add(str(change["profile_id"]))
         if kind != "profiles_merged":
             continue
         survivor = str(change["survivor"])
@@ -202,8 +210,10 @@ def assignments_from_resolved(
             out[event_id] = None
     cache: dict[str, str] = {}
     for event_id, profile in out.items():
-        if profile is not None and profile in merged_into:
-            out[event_id] = _final(profile, merged_into, cache)
+        if profile is None:
+            continue
+        final = _final(profile, merged_into, cache) if profile in merged_into else profile
+        out[event_id] = None if final in erased else final
     return out
 
 
@@ -222,15 +232,21 @@ def _final(profile: str, merged_into: Mapping[str, str], cache: dict[str, str]) 
 
 
 def baseline_assignments(
-    events_path: Path | str, truth: Mapping[str, str] | None = None
+    events_path: Path | str,
+    truth: Mapping[str, str] | None = None,
+    settings: NormalizationSettings | None = None,
 ) -> tuple[dict[str, str | None], dict[str, str | None] | None, int]:
     """Naive connected components over all normalised identifiers (and, given truth, the per-person ceiling).
 
     Returns (naive assignments, ceiling assignments or None, events refused by validation). Identifiers come
-    from `validate_event`, so the baseline sees exactly the keys the core sees; refused events are singletons.
+    from a `Validator` with `settings` (default `NormalizationSettings.from_env()`, as `replay` reads them),
+    so the baseline sees exactly the keys and refusals the core sees; refused events are singletons.
     """
     from streams.exceptions import InvalidEvent
-    from streams.validate import validate_event
+    from streams.normalize import NormalizationSettings
+    from streams.validate import Validator
+
+    validate = Validator(NormalizationSettings.from_env() if settings is None else settings).validate
 
     # step "keys": event id -> its identifier keys ; union-find over "type:value" keys
     naive = _UnionFind()
@@ -242,7 +258,7 @@ def baseline_assignments(
             if not line.strip():
                 continue
             try:
-                event = validate_event(line)
+                event = validate(line)
             except InvalidEvent:
                 refused += 1
                 continue
@@ -328,15 +344,28 @@ def evaluate_command(
     if assignments is None and events is None:
         raise typer.BadParameter("give --assignments, --events (baseline), or both")
     truth_map = read_truth(truth)
+    if not truth_map:
+        # with no population every score is a vacuous 1.0: an error, not a perfect result
+        raise typer.BadParameter(f"{truth} holds no truth events", param_hint="'--truth'")
     columns: dict[str, Scores] = {}
     if assignments is not None:
         columns["assignments"] = score(truth_map, read_assignments(assignments))
     refused = 0
     if events is not None:
-        naive, ceiling, refused = baseline_assignments(events, truth_map)
+        from streams.exceptions import ConfigError
+        from streams.normalize import NormalizationSettings
+
+        try:
+            settings = NormalizationSettings.from_env()  # the keys and refusals `replay` would see
+        except ConfigError as exc:
+            typer.echo(f"evaluate failed: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        naive, ceiling, refused = baseline_assignments(events, truth_map, settings)
         columns["naive baseline"] = score(truth_map, naive)
         if ceiling is not None:
             columns["identifier ceiling"] = score(truth_map, ceiling)
+    for warning in _warnings(columns):
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         payload: dict[str, Any] = {
             "events": len(truth_map),
@@ -372,6 +401,15 @@ def evaluate_command(
         console.print(f"{refused:,} event lines refused by validation (scored as singletons)")
 
 
+def _warnings(columns: Mapping[str, Scores]) -> Iterator[str]:
+    """Scores that look fine but mean nothing: a wrong file, or precision 1.0 for 0 of 0 predicted pairs."""
+    for name, s in columns.items():
+        if s.unassigned_events == s.events:
+            yield f"{name}: none of the {s.events:,} truth events is in it (another run's file?)"
+        if s.predicted_pairs == 0 and s.true_pairs > 0:
+            yield f"{name}: no two events were put together; pairwise precision 1.0 is 0/0, not a result"
+
+
 def read_topic_to_end(bootstrap: str, topic: str, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
     """Every committed JSON record of `topic` up to its current end (read_committed, no offsets kept)."""
     try:
@@ -391,7 +429,7 @@ def assignments_command(
     ] = None,
     topic: Annotated[str, typer.Option(help="The stream app's resolved-events topic.")] = "events.resolved",
     changes_topic: Annotated[
-        str, typer.Option(help="Profile changes topic (merged_into chains).")
+        str, typer.Option(help="Profile changes topic (merges, generic values, erasures).")
     ] = "identity.changes",
 ) -> None:
     """Read the stream app's output to its end and write final assignments for `omnistitch evaluate`."""

@@ -8,7 +8,8 @@ the Java clients so keys map to the same partitions whoever produces them.
 
 Files (`omnistitch produce`): by default every line of every file is validated *before anything is sent*; one
 bad line (reported as `FILE:LINE: code: message`) means nothing is sent, so a file never arrives half-way.
-`--skip-invalid` instead sends the valid lines and reports the bad ones.
+`--skip-invalid` instead sends the valid lines and reports the bad ones. Validation reads the same
+`OMNISTITCH_*` normalisation settings as `omnistitch validate`, `replay` and the worker.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from murmurhash2 import murmurhash2
 from schemas.envelope import DEFAULT_IDENTIFIER_TYPES
 from schemas.topics import RAW_TOPIC_BY_SOURCE
 from streams.events import NormalizedEvent
-from streams.exceptions import ErrorCode, InvalidEvent
+from streams.exceptions import ConfigError, ErrorCode, InvalidEvent
 from streams.normalize import NormalizationSettings
 
 __all__ = [
@@ -173,6 +174,14 @@ class ProduceStats:
 class ChannelProducer:
     """Validate, key and send envelope-v1 events of one source; usable directly by a channel's gateway.
 
+    `settings=None` means `NormalizationSettings.from_env()` (read once, here): the same `OMNISTITCH_*`
+    blocklist, size limit, HMAC key, region and e-mail rules as `omnistitch validate`, `replay` and the
+    worker, so an event they would refuse is never sent, and with hashing on the Kafka key is the hashed
+    identifier. Pass settings explicitly to pin them (tests, a gateway configured in code).
+
+    `check_source`: refuse an event whose `source` writes to another raw topic than this producer's `source`
+    (`RAW_TOPIC_BY_SOURCE`: a `viber` event belongs on `raw.sms` as much as an `sms` one does).
+
     >>> with ChannelProducer("pos") as producer:          # doctest: +SKIP
     ...     producer.send(b'{"schema_version": 1, ...}')   # raises InvalidEvent, nothing sent
     """
@@ -191,15 +200,20 @@ class ChannelProducer:
         config: Mapping[str, Any] | None = None,
         producer_factory: Callable[[dict[str, Any]], _Producer] | None = None,
     ) -> None:
+        from streams.validate import Validator
+
         if rate is not None and rate <= 0:
             raise ValueError("rate must be positive (events per second) or None for as fast as possible")
         self.source = source
-        self.topic = topic or RAW_TOPIC_BY_SOURCE.get(source, f"raw.{source}")
+        self._home_topic = _raw_topic(source)
+        self.topic = topic or self._home_topic
         self.bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP") or DEFAULT_BOOTSTRAP
         self.rate = rate
         self.check_source = check_source
         self.stats = ProduceStats()
-        self._settings = settings
+        # from the environment unless given: a producer must refuse exactly what validate/replay/worker refuse
+        self.settings = settings if settings is not None else NormalizationSettings.from_env()
+        self._validator = Validator(self.settings)
         self._paced_from: float | None = None
         self._paced_sent = 0
         conf = producer_config(
@@ -215,12 +229,12 @@ class ChannelProducer:
     # step "validate": raw bytes -> (key, NormalizedEvent) or InvalidEvent
     def validate(self, raw: bytes) -> tuple[bytes | None, NormalizedEvent]:
         """The key and normalised event for `raw`, or InvalidEvent (with `.code`) if it must not be sent."""
-        from streams.validate import validate_event
-
-        event = validate_event(raw, self._settings)
-        if self.check_source and event.source != self.source:
+        event = self._validator.validate(raw)
+        # by topic, not by name: sources sharing a raw topic (sms and viber on raw.sms) belong together
+        if self.check_source and (home := _raw_topic(event.source)) != self._home_topic:
             raise InvalidEvent(
-                ErrorCode.UNKNOWN_SOURCE, f"source {event.source!r} does not belong on {self.topic!r}"
+                ErrorCode.UNKNOWN_SOURCE,
+                f"source {event.source!r} does not belong on {self._home_topic!r} (its topic is {home!r})",
             )
         return event_key(event), event
 
@@ -288,6 +302,11 @@ class ChannelProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.flush()
+
+
+def _raw_topic(source: str) -> str:
+    """The raw topic a source's producer writes to (`raw.<source>` for one the catalogue does not list)."""
+    return RAW_TOPIC_BY_SOURCE.get(source, f"raw.{source}")
 
 
 def _as_bytes(event: bytes | str | Mapping[str, Any]) -> bytes:
@@ -434,7 +453,9 @@ def produce_command(
         bool,
         typer.Option(help="Send the valid lines, report bad ones (default: send nothing if any is bad)."),
     ] = False,
-    any_source: Annotated[bool, typer.Option(help="Accept events whose `source` differs.")] = False,
+    any_source: Annotated[
+        bool, typer.Option(help="Accept events whose `source` belongs on another raw topic.")
+    ] = False,
     compression: Annotated[
         str, typer.Option(help="gzip (Faust reads it), or lz4/zstd/snappy/none.")
     ] = "gzip",
@@ -444,10 +465,19 @@ def produce_command(
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
     ] = None,
 ) -> None:
-    """Validate and send channel events to Kafka, keyed by their strongest identifier."""
+    """Validate and send channel events to Kafka, keyed by their strongest identifier.
+
+    Validated with the `OMNISTITCH_*` normalisation settings, exactly as `omnistitch validate` checks them.
+    """
     from rich.console import Console
 
     console = Console(stderr=True)
+    try:
+        # settings from OMNISTITCH_* (as `validate`, `replay` and the worker): what they refuse is never sent
+        settings = NormalizationSettings.from_env()
+    except ConfigError as exc:
+        console.print(f"[red]produce failed:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
     producer = ChannelProducer(
         source,
         topic=topic,
@@ -456,6 +486,7 @@ def produce_command(
         compression=compression,
         linger_ms=linger_ms,
         check_source=not any_source,
+        settings=settings,
     )
     show = console.is_terminal if progress is None else progress
     total = sum(f.stat().st_size for f in files if str(f) != "-")

@@ -303,7 +303,8 @@ class _Person:
     customer_id: str | None = None
     loyalty: str | None = None
     devices: list[str] = field(default_factory=list)
-    logged_devices: set[str] = field(default_factory=set)
+    # a list, not a set: push campaigns iterate it, and set order follows PYTHONHASHSEED (not the seed)
+    logged_devices: list[str] = field(default_factory=list)
     cookies: list[str] = field(default_factory=list)
     logged_cookies: set[str] = field(default_factory=set)
     push_cookie: str | None = None
@@ -312,6 +313,11 @@ class _Person:
     cart: list[dict[str, Any]] | None = None
     home_store: int = 0
     viber: bool = False
+
+    def log_in_device(self, device: str) -> None:
+        """Remember a device the person is logged in on, in first-login order (deterministic iteration)."""
+        if device not in self.logged_devices:
+            self.logged_devices.append(device)
 
 
 @dataclass(slots=True)
@@ -473,7 +479,7 @@ class _Sim:
             if p.customer_id is None and (p.email or p.phone) and rng.random() < cfg.app_login_share:
                 p.customer_id = self.new_customer_id()
             if p.customer_id:
-                p.logged_devices = set(p.devices)
+                p.logged_devices = list(dict.fromkeys(p.devices))
         if p.customer_id and rng.random() < 0.8:  # "remember me": most customers stay logged in
             p.logged_cookies.add(p.cookies[0])
         if p.customer_id and p.logged_cookies and rng.random() < 0.1:
@@ -813,11 +819,11 @@ class _Sim:
             ts = self._step(ts)
             logged = True
             if device != p.hh.shared_device:
-                p.logged_devices.add(device)
+                p.log_in_device(device)
         elif p.customer_id is None and self.phone_at(p, ts) and rng.random() < 0.08:
             self.signup(p, ts, "app", base)
             logged = True
-            p.logged_devices.add(device)
+            p.log_in_device(device)
             ts = self._step(ts)
 
         def ids() -> list[dict[str, Any]]:
@@ -1171,8 +1177,27 @@ def _poisson(rng: random.Random, lam: float) -> int:
     return k
 
 
+def _check_config(cfg: SimConfig) -> None:
+    """Refuse a config that cannot make a population, before any file is created (ValueError, one line).
+
+    Without it `days=0` failed deep inside generation after leaving empty files behind, and `people=0` wrote
+    an empty population and reported success.
+    """
+    if cfg.people < 1:
+        raise ValueError(f"people must be at least 1, got {cfg.people}")
+    if cfg.days < 1:
+        raise ValueError(f"days must be at least 1, got {cfg.days}")
+    try:
+        datetime.fromisoformat(cfg.start)
+    except ValueError:
+        raise ValueError(
+            f"start must be an ISO-8601 date-time such as {_DEFAULT.start}, got {cfg.start!r}"
+        ) from None
+
+
 def simulate(cfg: SimConfig, out_dir: Path | str) -> SimSummary:
     """Write a population's events and truth to `out_dir`; the same config always writes the same bytes."""
+    _check_config(cfg)
     out = Path(out_dir)
     began = time.perf_counter()
     sim = _Sim(cfg)
@@ -1198,8 +1223,8 @@ def simulate_command(
     out: Annotated[
         Path, typer.Option("--out", help="Directory for raw.<source>.jsonl, all.jsonl, truth.jsonl.")
     ],
-    people: Annotated[int, typer.Option(help="Number of people in the population.")] = _DEFAULT.people,
-    days: Annotated[int, typer.Option(help="Length of the period in days.")] = _DEFAULT.days,
+    people: Annotated[int, typer.Option(min=1, help="Number of people in the population.")] = _DEFAULT.people,
+    days: Annotated[int, typer.Option(min=1, help="Length of the period in days.")] = _DEFAULT.days,
     seed: Annotated[
         int, typer.Option(help="Random seed: the same seed writes the same files.")
     ] = _DEFAULT.seed,
@@ -1218,6 +1243,11 @@ def simulate_command(
     from rich.console import Console
 
     cfg = config_with(SimConfig(people=people, days=days, seed=seed, start=start), set_, noise)
+    try:
+        _check_config(cfg)  # before the output directory exists: a usage error leaves nothing behind
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _output_dir(out)
     summary = simulate(cfg, out)
     console = Console(stderr=True)
     console.print(
@@ -1227,6 +1257,18 @@ def simulate_command(
     )
     for source, n in sorted(summary.per_source.items(), key=lambda kv: -kv[1]):
         console.print(f"  raw.{source}.jsonl  {n:,}")
+
+
+def _output_dir(out: Path) -> None:
+    """Create `--out`, or a usage error (exit 2) naming it, instead of an OSError traceback from mkdir."""
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a directory", param_hint="'--out'")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot create {out}: {exc.strerror or exc}", param_hint="'--out'"
+        ) from None
 
 
 NOISE_KNOBS: tuple[str, ...] = (
@@ -1255,7 +1297,37 @@ def config_with(cfg: SimConfig, overrides: list[str] | None = None, noise: float
         name, sep, raw = item.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or name not in types:
-            raise typer.BadParameter(f"unknown knob {name!r}; known: {', '.join(sorted(types))}")
-        kind = types[name]
-        values[name] = int(raw) if kind in ("int", int) else float(raw) if kind in ("float", float) else raw
+            raise typer.BadParameter(
+                f"unknown knob {name!r}; known: {', '.join(sorted(types))}", param_hint="'--set'"
+            )
+        values[name] = _knob_value(name, types[name], raw)
     return SimConfig(**values)
+
+
+_YES_NO = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _knob_value(name: str, kind: Any, raw: str) -> Any:
+    """`raw` as the knob's type; a clean usage error for a value that is not one (no ValueError traceback).
+
+    Yes/no knobs are parsed, not stored as given: the string 'false' is truthy, so it switched nothing off.
+    """
+    text = raw.strip()
+    if kind in ("bool", bool):
+        if text.lower() in _YES_NO:
+            return _YES_NO[text.lower()]
+        raise typer.BadParameter(
+            f"{name} is yes/no: true/false, yes/no or 1/0, got {raw!r}", param_hint="'--set'"
+        )
+    try:
+        if kind in ("int", int):
+            return int(text)
+        if kind in ("float", float):
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+    except ValueError:
+        expected = "a whole number" if kind in ("int", int) else "a number"
+        raise typer.BadParameter(f"{name} must be {expected}, got {raw!r}", param_hint="'--set'") from None
+    return raw

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-__all__ = ["TopicNotFound", "committed_messages", "read_to_end"]
+__all__ = ["TopicNotFound", "committed_messages", "end_offsets", "read_to_end"]
 
 
 class TopicNotFound(LookupError):
@@ -56,6 +56,22 @@ def committed_messages(
                 elif error.fatal():
                     raise KafkaException(error)
                 # other errors are transient: librdkafka retries by itself
+    finally:
+        consumer.close()
+
+
+def end_offsets(
+    bootstrap: str, partitions: Iterable[tuple[str, int]], timeout: float = 30.0
+) -> dict[tuple[str, int], int]:
+    """The offset each (topic, partition)'s log ends at now (its high watermark)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"omnistitch-reader-{uuid.uuid4().hex}"})
+    try:
+        return {
+            (topic, partition): consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout
+            )[1]
+            for topic, partition in partitions
+        }
     finally:
         consumer.close()
 

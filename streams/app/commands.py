@@ -127,12 +127,28 @@ def split_in_stream(profile_id: str, identifiers: list[str], reason: str) -> Non
             )
             ends.append(TopicPartition("identity.changes", partition, high))
         consumer.assign(ends)
-        dest = destination(msg, settings.partitions)
+        # the profile's home by the deployment's own partition count, not this shell's OMNISTITCH_PARTITIONS
+        internal = internal_topic(settings)
+        found = consumer.list_topics(internal, timeout=10).topics.get(internal)
+        if found is None or found.error is not None or not found.partitions:
+            typer.echo(
+                f"split failed: no topic {internal} (is OMNISTITCH_APP_ID the deployment's?)", err=True
+            )
+            raise typer.Exit(2)
+        dest = destination(msg, len(found.partitions))
+        failures: list[str] = []
         producer = Producer({"bootstrap.servers": settings.bootstrap})
         for envelope in encode_envelopes([msg]):
-            producer.produce(internal_topic(settings), key=str(dest).encode(), value=envelope, partition=dest)
-        if producer.flush(30):
-            typer.echo("split failed: the request could not be sent to Kafka", err=True)
+            producer.produce(
+                internal,
+                key=str(dest).encode(),
+                value=envelope,
+                partition=dest,
+                on_delivery=lambda err, _: failures.append(str(err)) if err else None,
+            )
+        if producer.flush(30) or failures:
+            reason = ", ".join(failures) or "timed out"
+            typer.echo(f"split failed: the request was not delivered ({reason})", err=True)
             raise typer.Exit(2)
         changes: list[dict[str, Any]] = []
         deadline = time.monotonic() + SPLIT_WAIT_SECONDS
@@ -148,8 +164,8 @@ def split_in_stream(profile_id: str, identifiers: list[str], reason: str) -> Non
         consumer.close()
     if len(changes) < 2:
         typer.echo(
-            f"no split of {profile_id} seen in {SPLIT_WAIT_SECONDS:.0f}s: is a worker running, and does the "
-            "profile hold every identifier named (and more)? A refused request counts in "
+            f"no split of {profile_id} seen in {SPLIT_WAIT_SECONDS:.0f}s: is a worker running, is the "
+            "profile known, and does it hold every identifier named (and more)? A refused request counts in "
             'omnistitch_protocol_dropped_total{reason="split_refused"}',
             err=True,
         )

@@ -1129,6 +1129,8 @@ def _at_profile(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
     if row is None:
         if isinstance(m, Apply):
             ctx.send(Route(m.ev, m.keys, pid))
+        elif isinstance(m, Split):
+            ctx.fx.dropped["split_refused"] += 1  # an operator's typo, not the fault `unknown_profile` counts
         else:
             ctx.fx.dropped["unknown_profile"] += 1
         return

@@ -16,6 +16,7 @@ equal to the changelog's. After each committed batch the worker moves the offset
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +28,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TableT
 from rocksdict import AccessType, Rdict, ReadOptions, WriteBatch
 
-from streams.topic_reader import committed_messages
+from streams.topic_reader import committed_messages, end_offsets
 
 __all__ = [
     "RESTORED_OFFSET_KEY",
@@ -45,6 +46,8 @@ RESTORED_OFFSET_KEY = b"__omnistitch\x00restored__"
 WRITE_BATCH_RECORDS = 5_000
 # A restore that has not reached every changelog end by then fails the worker (state is rebuilt on restart).
 RESTORE_TIMEOUT_SECONDS = 600.0
+
+log = logging.getLogger(__name__)
 
 
 def keep_table_options_on_reopen() -> None:
@@ -119,6 +122,14 @@ def record_restored_offset(db: Any, offset: int) -> None:
     db.put(RESTORED_OFFSET_KEY, str(offset).encode())
 
 
+def _wipe(db: Any) -> None:
+    """Delete every row of a table database, in one batch."""
+    batch = WriteBatch(raw_mode=True)
+    for key in db.keys():  # noqa: SIM118 - an Rdict iterates by index, keys() by key
+        batch.delete(key)
+    db.write(batch)
+
+
 class ChangelogRestorer:
     """Applies changelog records to RocksDB databases, each from where its last restore ended to the end."""
 
@@ -133,9 +144,18 @@ class ChangelogRestorer:
         """
         starts: dict[tuple[str, int], int] = {}
         pending: dict[tuple[str, int], tuple[WriteBatch, int]] = {}
+        ends = end_offsets(self._bootstrap, databases)
         for key, db in databases.items():
             restored = db.get(RESTORED_OFFSET_KEY)
             starts[key] = int(restored) + 1 if restored is not None else OFFSET_BEGINNING
+            if restored is not None and starts[key] > ends[key]:
+                # the changelog ends before what this database holds: it is not the log the rows came from
+                # (topics recreated, another cluster). Its rows belong to no one now: rebuild from the log.
+                log.warning(
+                    "%s[%d] ends at %d, before the restored %d: rebuilding", *key, ends[key], starts[key] - 1
+                )
+                _wipe(db)
+                starts[key] = OFFSET_BEGINNING
             pending[key] = (WriteBatch(raw_mode=True), -1)
         applied = 0
         for message in committed_messages(self._bootstrap, starts, RESTORE_TIMEOUT_SECONDS):

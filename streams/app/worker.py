@@ -210,7 +210,7 @@ def create_app(
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
         web_port=settings.web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_bind,
         key_serializer="raw",
         value_serializer="raw",
         producer_max_request_size=MAX_RECORD_BYTES,

@@ -47,3 +47,24 @@ def test_a_restore_applies_committed_records_past_the_restored_offset_and_record
 
     assert restorer.restore({(topic, 0): db}) == 0  # at the end already: nothing read, nothing written
     db.close()
+
+
+def test_a_database_ahead_of_its_changelog_is_rebuilt_from_it(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Topics recreated (or another cluster) under a kept data dir: the database says it holds the changelog
+    up to offset 40, the changelog has 2 records. Its rows are no one's: rebuilt from the log (0.3.3 resumed
+    past the end and kept them, so a profile showed orders no topic had)."""
+    topic = new_topic("changelog", partitions=1, config={"cleanup.policy": "compact"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"t-{uuid.uuid4().hex}"})
+    producer.init_transactions(30)
+    _transaction(producer, topic, [(b"a", b"a1"), (b"b", b"b1")], commit=True)
+    db = Rdict(str(tmp_path / "rows.db"), options=Options(raw_mode=True))
+    db.put(b"stale", b"from the old cluster")
+    db.put(b"a", b"old a")
+    db.put(RESTORED_OFFSET_KEY, b"40")
+
+    assert ChangelogRestorer(kafka_bootstrap).restore({(topic, 0): db}) == 2
+    assert (db.get(b"stale"), db.get(b"a"), db.get(b"b")) == (None, b"a1", b"b1")
+    assert db.get(RESTORED_OFFSET_KEY) == b"1"
+    db.close()

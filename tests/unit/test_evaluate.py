@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,6 +14,17 @@ from typer.testing import CliRunner
 
 from streams.cli import app
 from streams.evaluate import assignments_from_resolved, baseline_assignments, read_assignments, score
+from streams.normalize import NormalizationSettings
+
+
+@pytest.fixture(autouse=True)
+def _no_normalisation_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline reads OMNISTITCH_* by default: tests start from none, whatever the shell exports."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("OMNISTITCH_"):
+            monkeypatch.delenv(name)
 
 
 def _brute(truth: dict[str, str], pred: dict[str, str | None]) -> tuple[int, int, int, float, float]:
@@ -138,6 +150,25 @@ def test_assignments_from_resolved_unattributes_events_anchored_by_a_device_late
     assert assignments_from_resolved(resolved, changes) == {"browse": None, "login": "P1"}
 
 
+def test_assignments_from_resolved_gives_events_of_an_erased_profile_none() -> None:
+    resolved = [
+        {"event_id": "lost", "profile_id": "P1"},  # P1 merged into P2, then P2 erased
+        {"event_id": "gone", "profile_id": "P2"},
+        {"event_id": "alone", "profile_id": "E1"},  # erased, nothing after
+        {"event_id": "kept", "profile_id": "Q1"},  # merged into Q2, never erased
+        {"event_id": "again", "profile_id": "P9"},  # the same person after the erase: a fresh profile
+    ]
+    changes: list[dict[str, Any]] = [
+        {"kind": "profiles_merged", "profile_id": "P2", "survivor": "P2", "merged": ["P1"]},
+        {"kind": "profiles_merged", "profile_id": "Q2", "survivor": "Q2", "merged": ["Q1"]},
+        {"kind": "profile_erased", "profile_id": "P2", "reason": "gdpr"},
+        {"kind": "profile_created", "profile_id": "P9", "identifiers": ["phone:+79161234567"]},
+        {"kind": "profile_erased", "profile_id": "E1", "reason": None},
+    ]
+    final = assignments_from_resolved(resolved, changes)
+    assert final == {"lost": None, "gone": None, "alone": None, "kept": "Q2", "again": "P9"}
+
+
 def _event(event_id: str, *identifiers: tuple[str, str]) -> bytes:
     return orjson.dumps(
         {
@@ -202,3 +233,49 @@ def test_cli_evaluate_json_and_table(tiny: Path) -> None:
     assert table.exit_code == 0, table.output
     assert "naive baseline" in table.stdout and "pairwise F1" in table.stdout
     assert read_assignments(tiny / "assign.jsonl")["e3"] is None
+
+
+def test_baseline_validates_with_the_environments_settings(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocklist = tiny / "blocked.toml"
+    blocklist.write_text('[values]\nphone = ["+79161234567"]\n', encoding="utf-8")
+    monkeypatch.setenv("OMNISTITCH_BLOCKLIST_FILE", str(blocklist))
+    naive, _, refused = baseline_assignments(tiny / "all.jsonl")
+    assert refused == 2  # e2 had nothing but the blocked phone, as `validate` and `replay` say
+    assert "e2" not in naive and naive["e1"] != naive["e3"]  # the blocked phone links no one
+    pinned, _, refused = baseline_assignments(tiny / "all.jsonl", settings=NormalizationSettings())
+    assert refused == 1 and pinned["e1"] == pinned["e2"] == pinned["e3"]
+    monkeypatch.setenv("OMNISTITCH_MAX_EVENT_BYTES", "100")
+    result = CliRunner().invoke(
+        app, ["evaluate", "--truth", str(tiny / "truth.jsonl"), "--events", str(tiny / "all.jsonl"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.stdout)["refused_by_validation"] == 6
+
+
+def test_cli_evaluate_refuses_an_empty_truth(tiny: Path) -> None:
+    empty = tiny / "empty.jsonl"
+    empty.write_bytes(b"\n")
+    for extra in (["--assignments", str(tiny / "assign.jsonl")], ["--events", str(tiny / "all.jsonl")]):
+        result = CliRunner().invoke(app, ["evaluate", "--truth", str(empty), *extra, "--json"])
+        assert result.exit_code == 2
+        assert "no truth events" in result.output
+        assert result.stdout == ""
+
+
+def test_cli_evaluate_warns_when_the_assignments_match_no_truth_event(tiny: Path) -> None:
+    other = tiny / "other.jsonl"
+    other.write_bytes(orjson.dumps({"event_id": "x1", "profile_id": "X"}) + b"\n")
+    result = CliRunner().invoke(
+        app, ["evaluate", "--truth", str(tiny / "truth.jsonl"), "--assignments", str(other), "--json"]
+    )
+    assert result.exit_code == 0
+    data = orjson.loads(result.stdout)["assignments"]
+    assert data["unassigned_events"] == data["events"] == 4 and data["predicted_pairs"] == 0
+    assert "none of the 4 truth events" in result.stderr
+    assert "pairwise precision 1.0 is 0/0" in result.stderr
+    fine = CliRunner().invoke(
+        app, ["evaluate", "--truth", str(tiny / "truth.jsonl"), "--assignments", str(tiny / "assign.jsonl")]
+    )
+    assert fine.exit_code == 0 and "warning" not in fine.stderr

@@ -12,7 +12,18 @@ from typer.testing import CliRunner
 
 from streams.cli import app
 from streams.exceptions import InvalidEvent
+from streams.normalize import NormalizationSettings, hash_identifier
 from streams.produce import ChannelProducer, murmur2, murmur2_partition, produce_files, producer_config
+
+
+@pytest.fixture(autouse=True)
+def _no_normalisation_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The producer reads OMNISTITCH_* by default: tests start from none, whatever the shell exports."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("OMNISTITCH_"):
+            monkeypatch.delenv(name)
 
 
 class FakeProducer:
@@ -208,3 +219,122 @@ def test_cli_produce_from_stdin_is_validated_before_sending(monkeypatch: pytest.
     assert result.exit_code == 0, result.output
     assert orjson.loads(result.stdout)["delivered"] == 2
     assert [orjson.loads(v)["event_id"] for _, v, _ in FakeProducer.instances[-1].sent] == ["e1", "e2"]
+
+
+def _message(event_id: str, source: str) -> bytes:
+    return orjson.dumps(
+        {
+            "schema_version": 1,
+            "event_id": event_id,
+            "source": source,
+            "channel": source,
+            "type": "message_sent",
+            "occurred_at": "2026-11-24T10:00:00+03:00",
+            "identifiers": [{"type": "phone", "value": "+79161234567"}],
+            "attributes": {"channel": source, "campaign": "black-friday"},
+        }
+    )
+
+
+def _blocklist(tmp_path: Path) -> Path:
+    path = tmp_path / "blocked.toml"
+    path.write_text('[values]\nphone = ["+79161234567"]\n', encoding="utf-8")
+    return path
+
+
+PHONE_ONLY = [{"type": "phone", "value": "+7 916 123-45-67"}]
+
+
+def test_default_settings_are_the_environments_as_validate_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMNISTITCH_BLOCKLIST_FILE", str(_blocklist(tmp_path)))
+    producer, fake = _producer()
+    with pytest.raises(InvalidEvent) as exc:
+        producer.send(_event(identifiers=PHONE_ONLY))
+    assert exc.value.code == "no_usable_identifier"
+    monkeypatch.delenv("OMNISTITCH_BLOCKLIST_FILE")
+    monkeypatch.setenv("OMNISTITCH_MAX_EVENT_BYTES", "100")
+    producer, fake = _producer()
+    with pytest.raises(InvalidEvent) as exc:
+        producer.send(_event())
+    assert exc.value.code == "too_large"
+    assert fake.sent == []
+    # explicit settings still win over the environment
+    pinned, fake = _producer(settings=NormalizationSettings())
+    assert pinned.send(_event(identifiers=PHONE_ONLY)) == b"phone:+79161234567"
+    assert len(fake.sent) == 1
+
+
+def test_with_an_hmac_key_in_the_environment_the_kafka_key_is_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "k" * 32
+    monkeypatch.setenv("OMNISTITCH_HMAC_KEY", secret)
+    producer, fake = _producer()
+    key = producer.send(_event(identifiers=PHONE_ONLY))
+    assert key == f"phone:{hash_identifier('phone', '+79161234567', secret.encode())}".encode()
+    assert b"79161234567" not in (key or b"")
+    assert fake.sent[0][2] == key
+
+
+def test_cli_produce_refuses_what_validate_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import confluent_kafka
+
+    monkeypatch.setattr(confluent_kafka, "Producer", FakeProducer)
+    FakeProducer.instances.clear()
+    monkeypatch.setenv("OMNISTITCH_BLOCKLIST_FILE", str(_blocklist(tmp_path)))
+    path = _file(tmp_path, [_event("e1"), _event("e2", identifiers=PHONE_ONLY)])
+    checked = CliRunner().invoke(app, ["validate", str(path)])
+    assert checked.exit_code == 1 and "2\tno_usable_identifier" in checked.stdout
+    result = CliRunner().invoke(app, ["produce", "--source", "pos", "--no-progress", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:2: no_usable_identifier" in result.output and "nothing sent" in result.output
+    assert FakeProducer.instances[-1].sent == []
+
+    monkeypatch.delenv("OMNISTITCH_BLOCKLIST_FILE")
+    monkeypatch.setenv("OMNISTITCH_MAX_EVENT_BYTES", "100")
+    result = CliRunner().invoke(app, ["produce", "--source", "pos", "--json", str(path)])
+    assert result.exit_code == 1
+    summary = orjson.loads(result.stdout)
+    assert summary["sent"] == 0 and summary["invalid"] == 2
+    assert all(": too_large: " in line for line in summary["invalid_lines"])
+
+
+def test_cli_produce_with_broken_normalisation_settings_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import confluent_kafka
+
+    monkeypatch.setattr(confluent_kafka, "Producer", FakeProducer)
+    monkeypatch.setenv("OMNISTITCH_HMAC_KEY", "short")
+    path = _file(tmp_path, [_event("e1")])
+    result = CliRunner().invoke(app, ["produce", "--source", "pos", "--no-progress", str(path)])
+    assert result.exit_code == 2
+    assert "produce failed" in result.output and "hmac key" in result.output
+
+
+def test_source_check_compares_topics_so_viber_goes_on_raw_sms(tmp_path: Path) -> None:
+    producer, fake = _producer("sms")
+    assert producer.topic == "raw.sms"
+    producer.send(_message("s1", "sms"))
+    producer.send(_message("v1", "viber"))
+    with pytest.raises(InvalidEvent) as exc:
+        producer.send(_message("m1", "messenger"))  # raw.messenger: not this topic
+    assert exc.value.code == "unknown_source" and "'raw.messenger'" in exc.value.message
+    viber, _ = _producer("viber")
+    assert viber.topic == "raw.sms"
+    viber.send(_message("s2", "sms"))
+    assert [orjson.loads(v)["event_id"] for _, v, _ in fake.sent] == ["s1", "v1"]
+
+
+def test_cli_produce_viber_file_with_source_sms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import confluent_kafka
+
+    monkeypatch.setattr(confluent_kafka, "Producer", FakeProducer)
+    FakeProducer.instances.clear()
+    path = tmp_path / "raw.viber.jsonl"
+    path.write_bytes(b"".join(_message(f"v{i}", "viber") + b"\n" for i in range(3)))
+    result = CliRunner().invoke(app, ["produce", "--source", "sms", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    summary = orjson.loads(result.stdout)
+    assert summary["topic"] == "raw.sms" and summary["invalid"] == 0 and summary["delivered"] == 3
+    assert {t for t, _, _ in FakeProducer.instances[-1].sent} == {"raw.sms"}

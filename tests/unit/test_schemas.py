@@ -24,6 +24,7 @@ from schemas import (
     DlqRecord,
     IdentityChange,
     IdentityChangeKind,
+    MergeRefused,
     ProfileSnapshot,
     ProfileStatus,
     RawEvent,
@@ -153,7 +154,12 @@ CHANGES: dict[str, dict[str, Any]] = {
     "profile_created": {"identifiers": ["phone:+79161234567"]},
     "identifiers_attached": {"identifiers": ["email:ivan@mail.ru"]},
     "profiles_merged": {"survivor": "p-1", "merged": ["p-2"]},
-    "merge_refused": {"reason": "too_many_phones", "rule": "max_phones", "candidates": ["p-2"]},
+    "merge_refused": {
+        "reason": "too_many_phones",
+        "rule": "max_phones",
+        "candidates": ["p-2"],
+        "identifiers": ["phone:+79161234567"],
+    },
     "profile_split": {"new_profiles": ["p-3"], "reason": "operator"},
     "profile_erased": {"reason": "gdpr"},
 }
@@ -167,6 +173,75 @@ def test_identity_changes_discriminate_on_kind(kind: str) -> None:
     )
     assert change.kind == kind and change.seq == 4
     assert adapter.validate_json(adapter.dump_json(change)) == change
+
+
+def test_merge_refused_declares_the_identifiers_change_record_writes() -> None:
+    from streams.core.graph import ChangeKind
+    from streams.core.graph import IdentityChange as CoreChange
+    from streams.publish import change_record
+
+    refused = CoreChange(
+        ChangeKind.REFUSED,
+        "p-1",
+        5,
+        "e-9",
+        10,
+        {
+            "rule": "generic_value",
+            "detail": "value seen with too many distinct strong identifiers",
+            "identifiers": ["phone:+74950000000"],
+            "other_profile_id": None,
+        },
+    )
+    record = change_record(refused)
+    change = TypeAdapter(IdentityChange).validate_json(json.dumps(record))
+    assert isinstance(change, MergeRefused)
+    assert set(record) <= set(MergeRefused.model_fields)  # a declared field, not an `extra` one
+    assert change.identifiers == ["phone:+74950000000"] and change.candidates == []
+    schema = json.loads((generate.ROOT / "json" / "identity_change.json").read_text())
+    assert schema["$defs"]["MergeRefused"]["properties"]["identifiers"]["type"] == "array"
+    # records written before the field existed still validate, with no identifiers
+    old = {k: v for k, v in record.items() if k != "identifiers"}
+    assert MergeRefused.model_validate(old).identifiers == []
+
+
+def test_every_field_change_record_writes_is_declared_in_its_model() -> None:
+    """Downstream teams read the contract, not the code: nothing `identity.changes` carries is undeclared
+    (0.3.3 wrote `identifiers` on refusals and `identifiers_moved` on merges as undeclared extras)."""
+    from streams.core.graph import ChangeKind
+    from streams.core.graph import IdentityChange as CoreChange
+    from streams.publish import change_record
+
+    payloads: dict[ChangeKind, dict[str, object]] = {
+        ChangeKind.CREATED: {"identifiers": ["email:a@b.ru"], "anchor": "email:a@b.ru"},
+        ChangeKind.ATTACHED: {"identifier": "phone:+79160000001", "bridge": ["email:a@b.ru"]},
+        ChangeKind.MERGED: {
+            "merged_profile_id": "p-2",
+            "identifiers_moved": ["cookie_id:k1"],
+            "bridge": ["email:a@b.ru"],
+            "bridge_other": ["cookie_id:k1"],
+        },
+        ChangeKind.REFUSED: {
+            "rule": "limit:email",
+            "detail": "d",
+            "identifiers": ["email:c@d.ru"],
+            "other_profile_id": "p-3",
+        },
+        ChangeKind.SPLIT: {
+            "split_profile_id": "p-4",
+            "identifiers": ["phone:+79160000001"],
+            "reason": "two people",
+        },
+        ChangeKind.ERASED: {},
+    }
+    assert set(payloads) == set(ChangeKind)
+    for kind, payload in payloads.items():
+        record = change_record(CoreChange(kind, "p-1", 2, "e-1", 10, payload))
+        change = TypeAdapter(IdentityChange).validate_json(json.dumps(record))
+        assert set(record) <= set(type(change).model_fields), (
+            kind,
+            set(record) - set(type(change).model_fields),
+        )
 
 
 def test_every_change_kind_has_a_model() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 
 import orjson
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from streams.cli import app
@@ -182,3 +186,123 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert (tmp_path / "all.jsonl").stat().st_size > 0
     assert (tmp_path / "truth.jsonl").stat().st_size > 0
     assert (tmp_path / "raw.pos.jsonl").exists()
+
+
+def test_same_seed_same_bytes_across_processes(tmp_path: Path) -> None:
+    """The seed alone fixes the bytes: no set or hash order (PYTHONHASHSEED differs per process) leaks in."""
+    digests = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"hash{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        args = ["simulate", "--people", "300", "--days", "10", "--seed", "1", "--out", str(out)]
+        subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, check=True, capture_output=True)
+        digests.append({p.name: p.read_bytes() for p in sorted(out.glob("*.jsonl"))})
+    assert digests[0].keys() == {f"raw.{s}.jsonl" for s in SOURCES} | {"all.jsonl", "truth.jsonl"}
+    for name, data in digests[0].items():
+        assert data == digests[1][name], name
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("false", False),
+        ("FALSE", False),
+        ("no", False),
+        ("0", False),
+        ("True", True),
+        ("yes", True),
+        ("1", True),
+    ],
+)
+def test_yes_no_knobs_are_parsed(raw: str, expected: bool) -> None:
+    cfg = config_with(SimConfig(), [f"crm_import={raw}"])
+    assert cfg.crm_import is expected
+
+
+def test_crm_import_false_leaves_the_import_out(tmp_path: Path) -> None:
+    """`--set crm_import=false` must switch the opening import off (the raw string 'false' is truthy)."""
+
+    def imports(value: str) -> int:
+        out = tmp_path / value
+        args = [
+            "simulate",
+            "--people",
+            "200",
+            "--days",
+            "3",
+            "--out",
+            str(out),
+            "--set",
+            f"crm_import={value}",
+        ]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return sum(
+            b'"reason":"crm_import"' in line for line in (out / "raw.crm.jsonl").read_bytes().splitlines()
+        )
+
+    assert imports("true") > 0
+    assert imports("false") == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("crm_import=maybe", "crm_import"),
+        ("duplicate_rate=abc", "duplicate_rate"),
+        ("people=many", "people"),
+        ("days=", "days"),
+    ],
+)
+def test_bad_knob_values_are_usage_errors(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(typer.BadParameter, match=message):
+        config_with(SimConfig(), [override])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["simulate", "--people", "50", "--days", "1", "--out", str(out), "--set", override]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert message in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--days", "0"],
+        ["--days", "-2"],
+        ["--people", "0"],
+        ["--people", "-5"],
+        ["--set", "days=0"],
+        ["--set", "people=-1"],
+        ["--start", "notadate"],
+        ["--set", "start=notadate"],
+    ],
+)
+def test_bad_sizes_and_start_are_usage_errors_and_write_nothing(tmp_path: Path, args: list[str]) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["simulate", "--people", "50", "--days", "2", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cfg", [SimConfig(people=0), SimConfig(days=0), SimConfig(start="notadate")])
+def test_simulate_refuses_a_bad_config_before_writing(tmp_path: Path, cfg: SimConfig) -> None:
+    with pytest.raises(ValueError):
+        simulate(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["file", "file/below"])
+def test_out_on_a_regular_file_is_a_usage_error(tmp_path: Path, target: str) -> None:
+    (tmp_path / "file").write_text("keep me")
+    result = CliRunner().invoke(
+        app, ["simulate", "--people", "50", "--days", "1", "--out", str(tmp_path / target)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "--out" in result.output
+    assert (tmp_path / "file").read_text() == "keep me"
