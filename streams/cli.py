@@ -44,6 +44,8 @@ def validate_command(
     failures = 0
     with stream:
         for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue  # blank lines: skipped, as `produce` and `replay` skip them
             try:
                 event = validator.validate(line.rstrip(b"\r\n"))
             except InvalidEvent as exc:
@@ -88,9 +90,15 @@ app.command("watch")(watch_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; a wrong setting is one line naming it and exit 2, not a traceback."""
+    from streams.exceptions import ConfigError
+
     tune_gc()
-    app()
+    try:
+        app()
+    except ConfigError as exc:
+        typer.echo(f"omnistitch: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -6,9 +6,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from streams.exceptions import ConfigError
+
 __all__ = ["DEFAULT_SOURCES", "AppSettings"]
 
 DEFAULT_SOURCES = ("web", "app", "pos", "call_center", "esp", "sms", "push", "messenger", "crm")
+
+
+def _whole(env: dict[str, str], name: str, default: int) -> int:
+    """A whole-number setting; a typo is a ConfigError naming the variable, not a traceback from int()."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -42,14 +55,14 @@ class AppSettings:
         return cls(
             bootstrap=env.get("KAFKA_BOOTSTRAP", defaults.bootstrap),
             app_id=env.get("OMNISTITCH_APP_ID", defaults.app_id),
-            partitions=int(env.get("OMNISTITCH_PARTITIONS", defaults.partitions)),
+            partitions=_whole(env, "OMNISTITCH_PARTITIONS", defaults.partitions),
             sources=_csv(env["OMNISTITCH_SOURCES"]) if env.get("OMNISTITCH_SOURCES") else DEFAULT_SOURCES,
             data_dir=Path(env.get("OMNISTITCH_DATA_DIR", str(defaults.data_dir))),
-            web_port=int(env.get("OMNISTITCH_WEB_PORT", defaults.web_port)),
+            web_port=_whole(env, "OMNISTITCH_WEB_PORT", defaults.web_port),
             web_bind=env.get("OMNISTITCH_WEB_BIND", defaults.web_bind),
-            standby_replicas=int(env.get("OMNISTITCH_STANDBY_REPLICAS", defaults.standby_replicas)),
-            replication_factor=int(env.get("OMNISTITCH_REPLICATION_FACTOR", defaults.replication_factor)),
+            standby_replicas=_whole(env, "OMNISTITCH_STANDBY_REPLICAS", defaults.standby_replicas),
+            replication_factor=_whole(env, "OMNISTITCH_REPLICATION_FACTOR", defaults.replication_factor),
             rules_file=Path(rules) if rules else None,
-            batch_linger_ms=int(env.get("OMNISTITCH_BATCH_LINGER_MS", defaults.batch_linger_ms)),
-            batch_max_records=int(env.get("OMNISTITCH_BATCH_MAX_RECORDS", defaults.batch_max_records)),
+            batch_linger_ms=_whole(env, "OMNISTITCH_BATCH_LINGER_MS", defaults.batch_linger_ms),
+            batch_max_records=_whole(env, "OMNISTITCH_BATCH_MAX_RECORDS", defaults.batch_max_records),
         )
