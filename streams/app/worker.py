@@ -368,10 +368,17 @@ def create_app(
                 record_restored_offset(rows.database(table_of[changelog]), offset)
         metrics.BATCH_SECONDS.labels("commit").observe(time.perf_counter() - handled)
 
+    waits = {
+        True: metrics.RECORD_WAIT_SECONDS.labels("internal"),
+        False: metrics.RECORD_WAIT_SECONDS.labels("raw"),
+    }
+
     def _handle(state: PartitionState, part: _Batch, record: Record, now_ms: int) -> None:
         part.offsets[(record.topic, record.partition)] = record.offset + 1
         value = record.value if record.value is not None else b""
         topic, partition, offset = record.topic, record.partition, record.offset
+        if record.timestamp > 0:  # -1: no timestamp (a producer that set none)
+            waits[topic == internal].observe(max(0.0, (now_ms - record.timestamp) / 1000))
         steps.take(state, part.effects, part, topic, partition, offset, record.key, value, now_ms)
 
     async def _publish(state: PartitionState, part: _Batch, now_ms: int) -> None:

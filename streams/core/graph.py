@@ -8,6 +8,8 @@ Store layout (all keys bytes, values orjson unless said):
     p:<profile id>          → ProfileState (tombstone when merged / erased)
     g:<type:value>          → b"1" (value marked generic) or b"s" (weak value marked shared: a family tablet)
     h:<profile id>:<seq>    → one IdentityChange of that profile (the history `explain` reads)
+    n:<neighbour code, 12 hex>:<type:value>
+                            → b"": that identifier's record holds the code (erasing the coded value drops it)
     r:<type:value>:<profile id>:<seq>
                             → key of a refusal naming this identifier, pinned on the event's profile (often
                               not the identifier's own): `explain` lists it, erasing the identifier drops it
@@ -84,6 +86,11 @@ _NO_CHANGES: tuple[IdentityChange, ...] = ()
 _NOTHING = LinkResult(None, _NO_CHANGES, None)
 _STATS_KEY = b"m:stats"
 _SHARED_MARK = b"s"
+
+
+def _seen_with(code: int, key: str) -> bytes:
+    """`n:` index key: the record of `key` holds neighbour `code` (found again when that value is erased)."""
+    return f"n:{code:012x}:{key}".encode()
 
 
 def _nb_code(ident: Identifier) -> int:
@@ -441,6 +448,7 @@ class IdentityGraph:
             for code, t in add:
                 if code not in nb:
                     nb.append(code)
+                    self._writes.append((_seen_with(code, keys[xi]), b""))
                 tag = code >> 32
                 if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
                     became.append(xi)
@@ -991,9 +999,12 @@ class IdentityGraph:
                     self._writes.append((f"r:{key}:{pid}:{seq}".encode(), None))
 
     def _erase_keys(self, keys: list[str]) -> None:
-        """Drop identifier-level traces: index entry, generic mark, refusals naming it elsewhere."""
+        """Drop identifier-level traces: index entry, generic mark, refusals naming it elsewhere, and its
+        neighbour code in the records of the values it was seen with (which corroboration and generic counts
+        read: left there, a value erased and seen again would still count as seen before)."""
         self.flush()
         for key in keys:
+            self._forget_neighbours(key)
             self._set_owner(key, None)
             if key in self._generic:
                 self._generic.discard(key)
@@ -1004,6 +1015,26 @@ class IdentityGraph:
                 raw = self.store.get(hkey)
                 if raw is not None:
                     self._drop_entry(hkey, raw)
+
+    def _forget_neighbours(self, key: str) -> None:
+        """Remove `key`'s code from every record holding it (the `n:` index), and the index keys of the codes
+        `key`'s own record holds; the store must be flushed."""
+        pid = self._owner(key)
+        p = self._live(pid) if pid is not None else None
+        rec = p.ids.get(key) if p is not None else None
+        for code in (rec[R_NB] or ()) if rec is not None else ():
+            self._writes.append((_seen_with(code, key), None))
+        code = neighbour_code(key)
+        prefix = _seen_with(code, "")
+        for nkey, _ in list(self.store.iter_prefix(prefix)):
+            self._writes.append((nkey, None))
+            holder = nkey[len(prefix) :].decode()
+            owner = self._owner(holder)
+            q = self._live(owner) if owner is not None else None
+            held = q.ids.get(holder) if q is not None else None
+            if q is not None and held is not None and held[R_NB] and code in held[R_NB]:
+                held[R_NB] = [c for c in held[R_NB] if c != code]
+                self._touch(q)
 
     def _erase_profile(self, out: list[IdentityChange], p: ProfileState, ev_id: str | None, at: int) -> None:
         keys = sorted(p.ids)

@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 
 from streams.core import ChangeKind, IdentityGraph, MemoryStore, Rules, TypeLimit
+from streams.core.state import neighbour_code
 from streams.exceptions import UnknownProfileOrIdentifier
 from tests.unit.core_helpers import ev, order
 
@@ -452,6 +453,28 @@ def test_erasing_the_people_a_refusal_names_leaves_no_index_key_naming_them() ->
             g.erase(pid or "")
         dump = _dump(g)
         assert b"victim@x.ru" not in dump and b"+79995550001" not in dump
+
+
+def test_an_erased_value_seen_again_is_not_corroborated_by_its_erased_past() -> None:
+    """Erased means never seen: the phone's record no longer remembers the e-mail, so the same bridge is
+    refused again, as on a graph that never saw it (0.3.3 kept the e-mail's code there, and merged)."""
+
+    def bridge_after(erase_first: bool) -> list[str]:
+        g = IdentityGraph()
+        g.link(ev("1", "phone:+79160000001", at=1_000))
+        g.link(ev("2", "email:bob@x.ru", at=2_000))
+        if erase_first:
+            g.link(
+                ev("3", "phone:+79160000001", "email:bob@x.ru", at=3_000)
+            )  # refused, but now seen together
+            g.erase("email:bob@x.ru")
+            g.link(ev("4", "email:bob@x.ru", at=4_000))
+            assert b"n:%012x:" % neighbour_code("email:bob@x.ru") not in _dump(g)
+        again = g.link(ev("5", "phone:+79160000001", "email:bob@x.ru", at=5_000))
+        return [c.kind.value for c in again.changes]
+
+    assert bridge_after(erase_first=False) == ["merge_refused"]  # one unverified sighting: not corroborated
+    assert bridge_after(erase_first=True) == ["merge_refused"]
 
 
 def test_erasing_a_value_with_a_colon_keeps_refusals_naming_a_longer_value() -> None:

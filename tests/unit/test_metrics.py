@@ -56,3 +56,13 @@ def test_timing_a_collection_takes_no_metric_lock() -> None:
         collecting.join()
         gc.callbacks.remove(metrics.GC_PAUSES)
     assert locks and not blocked
+
+
+def test_every_metric_the_worker_exposes_is_in_the_readme() -> None:
+    """SREs build dashboards and alerts from the README's Metrics section: nothing exposed may be missing."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    names = {family.name for family in metrics.REGISTRY.collect()}
+    assert names and not {n for n in names if n not in section}
