@@ -816,6 +816,13 @@ class IdentityGraph:
             q_id = self.lookup(anchor)
             if q_id is not None and q_id != p.id:
                 q = self._get_profile(q_id)
+                # the anchor's record remembers the split that moved it, whatever merged since (a profile that
+                # absorbed the split-off one has no `split_from` of its own)
+                via = q.ids[anchor][R_VIA] if q is not None and anchor in q.ids else None
+                if isinstance(via, str) and via.startswith("split:"):
+                    parent = self._live(via[6:])
+                    if parent is not None and parent.id == p.id:
+                        return q_id
                 seen = 0
                 while q is not None and q.split_from is not None and seen < 64:
                     parent = self._live(q.split_from)

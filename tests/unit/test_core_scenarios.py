@@ -490,6 +490,41 @@ def test_erasing_a_value_with_a_colon_keeps_refusals_naming_a_longer_value() -> 
     ]
 
 
+def test_a_past_event_follows_its_split_off_anchor_into_an_older_profile_it_merged_with() -> None:
+    """The phone was split off, then merged into an older profile: events anchored by it end there, wherever
+    the survivor sits in time (0.3.3 sent them back to the profile they were split away from)."""
+    for m_at in (1_000, 2_500):  # older and younger than the split-off profile
+        g = IdentityGraph()
+        m = g.link(ev("m", "customer_id:Z", at=m_at, verified=("customer_id:Z",)))
+        e = g.link(
+            ev(
+                "e",
+                "email:a@x.ru",
+                "phone:+79160000001",
+                "cookie_id:k",
+                at=2_000,
+                verified=("phone:+79160000001",),
+            )
+        )
+        assert e.profile_id is not None and e.anchor == "phone:+79160000001"
+        g.split(e.profile_id, ["phone:+79160000001"], at_ms=2_000)
+        g.link(
+            ev(
+                "z",
+                "customer_id:Z",
+                "phone:+79160000001",
+                at=3_000,
+                verified=("customer_id:Z", "phone:+79160000001"),
+            )
+        )
+        phone_now = g.lookup("phone:+79160000001")
+        assert phone_now == g.lookup("customer_id:Z") and phone_now in (
+            m.profile_id,
+            g.resolve(m.profile_id or ""),
+        )
+        assert g.final_profile(e.profile_id, e.anchor) == phone_now
+
+
 def test_explain_shows_the_chain_of_events_and_merges() -> None:
     g = IdentityGraph()
     g.link(ev("e1", "email:a@x.com", at=1_000))
