@@ -203,6 +203,10 @@ class ProfileSplit(IdentityChangeV1):
     kind: Literal["profile_split"] = "profile_split"
     new_profiles: list[str] = Field(min_length=1)
     reason: str
+    identifiers: list[_Key] = Field(
+        default_factory=list,
+        description="Identifiers moved to the new profile with their future events (empty in older records).",
+    )
 
 
 class ProfileErased(IdentityChangeV1):

@@ -177,16 +177,21 @@ def assignments_from_resolved(
     `survivor`, and the chain is followed to its end (cycles are cut). An event whose `anchor` was later found
     generic or shared (a `merge_refused` record with rule `generic_value` or `shared_device`) is unattributed,
     as in the replay. An event whose final profile (merges followed) was erased (`profile_erased`) gets None,
-    as `replay` gives it: erased is where a chain ends, so the check is made after following merges. The last
-    resolved record of an event wins (at-least-once delivery may repeat one).
-    Limitation: a later *split* moves some identifiers to a new profile, which this chain cannot tell per
-    event; after splits, prefer the offline replay's assignments.
+    as `replay` gives it: erased is where a chain ends, so the check is made after following merges. An
+    event whose anchor a `profile_split` later moved out of the profile the event ends in follows it to the
+    split-off profile (merges followed again), as the core's `final_profile` does. The last resolved record
+    of an event wins (at-least-once delivery may repeat one).
     """
     merged_into: dict[str, str] = {}
     generic: set[str] = set()
     erased: set[str] = set()
+    splits: dict[str, list[tuple[str, str]]] = {}  # moved identifier → (parent, split-off profile), in order
     for change in changes:
         kind = change.get("kind")
+        if kind == "profile_split":
+            for key in change.get("identifiers") or ():
+                for child in change.get("new_profiles") or ():
+                    splits.setdefault(str(key), []).append((str(change["profile_id"]), str(child)))
         if kind == "merge_refused" and change.get("rule") in _STOPS_LINKING:
             generic.update(change.get("identifiers") or ())
         if kind == "profile_erased":
@@ -213,6 +218,9 @@ def assignments_from_resolved(
         if profile is None:
             continue
         final = _final(profile, merged_into, cache) if profile in merged_into else profile
+        for parent, child in splits.get(anchors.get(event_id, ""), ()):
+            if _final(parent, merged_into, cache) == final:
+                final = _final(child, merged_into, cache)
         out[event_id] = None if final in erased else final
     return out
 

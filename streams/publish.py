@@ -99,6 +99,7 @@ def change_record(change: IdentityChange) -> dict[str, Any]:
     elif change.kind is ChangeKind.SPLIT:
         record["new_profiles"] = [payload["split_profile_id"]]
         record["reason"] = payload["reason"]
+        record["identifiers"] = list(payload["identifiers"])
     elif change.kind is ChangeKind.ERASED:
         record["reason"] = payload.get("reason")
     return record

@@ -341,4 +341,10 @@ def test_an_operator_splits_kolyas_profile_in_the_running_stream(
     assert _resolve_all(kafka_bootstrap, [later])[f"{run}-web-2"]["profile_id"] == new_id
     latest = dict(topic_values(kafka_bootstrap, "profiles"))
     assert set(latest[new_id.encode()]["identifiers"]) == {"cookie_id", "email"}  # type: ignore[index]
+    # `omnistitch assignments`: the web cart (anchored by the e-mail) follows it, as the replay's would
+    final = assignments_from_resolved(
+        read_topic_to_end(kafka_bootstrap, "events.resolved"),
+        read_topic_to_end(kafka_bootstrap, "identity.changes"),
+    )
+    assert (final[f"{run}-web"], final[f"{run}-pos"], final[f"{run}-web-2"]) == (new_id, kolya, new_id)
     assert set(latest[kolya.encode()]["identifiers"]) == {"loyalty_card", "phone", "device_id"}  # type: ignore[index]

@@ -169,6 +169,28 @@ def test_assignments_from_resolved_gives_events_of_an_erased_profile_none() -> N
     assert final == {"lost": None, "gone": None, "alone": None, "kept": "Q2", "again": "P9"}
 
 
+def test_assignments_from_resolved_follow_a_split_off_anchor_as_the_replay_does() -> None:
+    """Kolya's profile P held his wife's laptop cookie; the operator split it off to N, which then merged
+    into her older profile W. Her past visits (anchored by the cookie) end in W, his stay in P."""
+    resolved = [
+        {"event_id": "her-visit", "profile_id": "P", "anchor": "cookie_id:laptop"},
+        {"event_id": "his-order", "profile_id": "P", "anchor": "phone:+79160000001"},
+        {"event_id": "before-merge", "profile_id": "P0", "anchor": "cookie_id:laptop"},  # P0 merged into P
+    ]
+    changes: list[dict[str, Any]] = [
+        {"kind": "profiles_merged", "profile_id": "P", "survivor": "P", "merged": ["P0"]},
+        {
+            "kind": "profile_split",
+            "profile_id": "P",
+            "new_profiles": ["N"],
+            "identifiers": ["cookie_id:laptop"],
+        },
+        {"kind": "profiles_merged", "profile_id": "W", "survivor": "W", "merged": ["N"]},
+    ]
+    final = assignments_from_resolved(resolved, changes)
+    assert final == {"her-visit": "W", "his-order": "P", "before-merge": "W"}
+
+
 def _event(event_id: str, *identifiers: tuple[str, str]) -> bytes:
     return orjson.dumps(
         {
