@@ -218,9 +218,12 @@ def assignments_from_resolved(
         if profile is None:
             continue
         final = _final(profile, merged_into, cache) if profile in merged_into else profile
-        for parent, child in splits.get(anchors.get(event_id, ""), ()):
-            if _final(parent, merged_into, cache) == final:
-                final = _final(child, merged_into, cache)
+        moves = splits.get(anchors.get(event_id, ""), ())
+        for _ in moves:  # a split of a split: until none applies (records come in partition order, not time)
+            step = next((c for p, c in moves if _final(p, merged_into, cache) == final), None)
+            if step is None:
+                break
+            final = _final(step, merged_into, cache)
         out[event_id] = None if final in erased else final
     return out
 

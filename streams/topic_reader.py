@@ -6,10 +6,18 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
-__all__ = ["TopicNotFound", "committed_messages", "end_offsets", "read_to_end"]
+__all__ = ["TopicNotFound", "committed_messages", "end_offsets", "read_to_end", "topic_ids"]
 
 
 class TopicNotFound(LookupError):
@@ -63,7 +71,8 @@ def committed_messages(
 def end_offsets(
     bootstrap: str, partitions: Iterable[tuple[str, int]], timeout: float = 30.0
 ) -> dict[tuple[str, int], int]:
-    """The offset each (topic, partition)'s log ends at now (its high watermark)."""
+    """The offset each (topic, partition) ends at now for a `read_committed` reader (the last stable offset:
+    librdkafka answers watermark queries by the consumer's isolation level, read_committed by default)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"omnistitch-reader-{uuid.uuid4().hex}"})
     try:
         return {
@@ -74,6 +83,13 @@ def end_offsets(
         }
     finally:
         consumer.close()
+
+
+def topic_ids(bootstrap: str, topics: Iterable[str], timeout: float = 30.0) -> dict[str, str]:
+    """Each topic's id: a topic deleted and created again under the same name gets a new one."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.describe_topics(TopicCollection(sorted(set(topics))))
+    return {name: str(future.result(timeout=timeout).topic_id) for name, future in futures.items()}
 
 
 def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:

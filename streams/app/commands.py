@@ -165,8 +165,8 @@ def split_in_stream(profile_id: str, identifiers: list[str], reason: str) -> Non
     if len(changes) < 2:
         typer.echo(
             f"no split of {profile_id} seen in {SPLIT_WAIT_SECONDS:.0f}s: is a worker running, is the "
-            "profile known, and does it hold every identifier named (and more)? A refused request counts in "
-            'omnistitch_protocol_dropped_total{reason="split_refused"}',
+            "profile known and live, and does it hold every identifier named (and more)? A refused request "
+            'counts in omnistitch_protocol_dropped_total{reason="split_refused"} (or "erased_profile")',
             err=True,
         )
         raise typer.Exit(1)

@@ -348,13 +348,15 @@ class Split:
 
 @dataclass(frozen=True, slots=True)
 class Reassign:
-    """At `part(key)`: `ids[key].p := dst`, whoever it names. A split moved the identifier out of a profile
-    the register may name by a merged id whose `Repoint` is still on its way; that `Repoint` then finds the
-    register naming `dst`, not its source, and does nothing."""
+    """At `part(key)`: `ids[key].p := dst` if it names the split profile or one it absorbed (`srcs`): a split
+    moved the identifier out of a profile the register may still name by a merged id whose `Repoint` is on
+    its way (that `Repoint` then finds `dst` and does nothing). Naming anyone else, the register was cleared
+    by an erase since (which reaches `dst` through the split profile's `mv`) and stays as it is."""
 
     TAG: ClassVar[int] = 16
     key: str
     dst: str
+    srcs: tuple[str, ...]
 
 
 Msg = (
@@ -532,7 +534,7 @@ def _to_obj(m: Msg) -> list[Any]:
         case Split():
             return [m.TAG, m.pid, list(m.keys), m.reason, m.at, m.request]
         case Reassign():
-            return [m.TAG, m.key, m.dst]
+            return [m.TAG, m.key, m.dst, list(m.srcs)]
 
 
 def _from_obj(d: list[Any]) -> Msg:
@@ -573,7 +575,7 @@ def _from_obj(d: list[Any]) -> Msg:
     if tag == Split.TAG:
         return Split(d[1], tuple(d[2]), d[3], d[4], d[5])
     if tag == Reassign.TAG:
-        return Reassign(d[1], d[2])
+        return Reassign(d[1], d[2], tuple(d[3]))
     raise ValueError(f"unknown protocol message tag {tag!r}")
 
 
@@ -702,10 +704,12 @@ class IdRow:
 
 
 class ProfileRow:
-    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`, and `ak`:
-    event id → the profiles it asked to merge with for it, kept while the event has claims in flight."""
+    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`, `ak`:
+    event id → the profiles it asked to merge with for it, kept while the event has claims in flight, and
+    `mv`: identifier → the profile a split moved it to (an erase that reaches P by a register not yet
+    reassigned follows it there)."""
 
-    __slots__ = ("ak", "cl", "lk", "q", "state")
+    __slots__ = ("ak", "cl", "lk", "mv", "q", "state")
 
     def __init__(
         self,
@@ -714,12 +718,14 @@ class ProfileRow:
         cl: dict[str, IdentRecord] | None = None,
         q: list[Msg] | None = None,
         ak: dict[str, list[str]] | None = None,
+        mv: dict[str, str] | None = None,
     ) -> None:
         self.state = state
         self.lk = lk
         self.cl: dict[str, IdentRecord] = cl if cl is not None else {}
         self.q: list[Msg] = q if q is not None else []
         self.ak: dict[str, list[str]] = ak if ak is not None else {}
+        self.mv: dict[str, str] = mv if mv is not None else {}
 
     def encode(self) -> bytes:
         """`ProfileState.to_dict()` plus the protocol fields (only when set)."""
@@ -732,6 +738,8 @@ class ProfileRow:
             d["q"] = [_to_obj(m) for m in self.q]
         if self.ak:
             d["ak"] = self.ak
+        if self.mv:
+            d["mv"] = self.mv
         return orjson.dumps(d, default=_default)
 
     @classmethod
@@ -742,7 +750,8 @@ class ProfileRow:
         cl = d.pop("cl", None)
         q = [_from_obj(m) for m in d.pop("q", ())]
         ak = d.pop("ak", None)
-        return cls(ProfileState.from_dict(d), lk, cl, q, ak)
+        mv = d.pop("mv", None)
+        return cls(ProfileState.from_dict(d), lk, cl, q, ak, mv)
 
 
 class PartitionState:
@@ -950,9 +959,12 @@ def _dispatch(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
                 row.p = m.dst
                 ctx.st.put_id(m.key, row)
         case Reassign():
-            row = ctx.st.get_id(m.key) or IdRow()
-            row.p = m.dst
-            ctx.st.put_id(m.key, row)
+            row = ctx.st.get_id(m.key)
+            if row is not None and row.p in m.srcs:
+                row.p = m.dst
+                ctx.st.put_id(m.key, row)
+            else:
+                ctx.fx.dropped["reassign_stale"] += 1
         case Release():
             _release(ctx, m)
         case Erase() if m.pid is None:
@@ -1597,7 +1609,8 @@ def _split(ctx: _Ctx, row: ProfileRow, m: Split) -> None:
         rec[R_ORIGIN] = nid
         rec[R_VIA] = f"split:{p.id}"
         n.add_identifier(key, rec)
-        ctx.send(Reassign(key, nid))
+        row.mv[key] = nid
+        ctx.send(Reassign(key, nid, (p.id, *p.merged_from)))
     n.apart = (p.id,)
     p.apart = (*p.apart, nid)
     ctx.emit(
@@ -1636,6 +1649,14 @@ def _merge_no(ctx: _Ctx, row: ProfileRow, m: MergeNo) -> None:
 
 def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:
     p = row.state
+    if m.key not in p.ids:
+        # the register named P, but a split moved the identifier on meanwhile: the erase is its new profile's
+        moved = row.mv.get(m.key)
+        if moved is not None:
+            ctx.send(Erase(m.key, moved, m.ev_id, m.at))
+        else:
+            ctx.fx.dropped["erase_not_held"] += 1
+        return
     keys = sorted(p.ids)
     p.wipe(ERASED)
     row.cl = {}  # replies to claims in flight turn into Release at the erased row (§3)

@@ -28,9 +28,10 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TableT
 from rocksdict import AccessType, Rdict, ReadOptions, WriteBatch
 
-from streams.topic_reader import committed_messages, end_offsets
+from streams.topic_reader import committed_messages, end_offsets, topic_ids
 
 __all__ = [
+    "CHANGELOG_ID_KEY",
     "RESTORED_OFFSET_KEY",
     "ChangelogRestorer",
     "StandbyOnlyBuffer",
@@ -42,6 +43,8 @@ __all__ = [
 
 # The offset up to which a database holds its changelog (a decimal string), set by restores and batches.
 RESTORED_OFFSET_KEY = b"__omnistitch\x00restored__"
+# The id of the changelog topic the rows came from (a topic created again under the same name has another).
+CHANGELOG_ID_KEY = b"__omnistitch\x00changelog-id__"
 # Records per RocksDB write batch (each batch also moves the restored offset).
 WRITE_BATCH_RECORDS = 5_000
 # A restore that has not reached every changelog end by then fails the worker (state is rebuilt on restart).
@@ -145,17 +148,25 @@ class ChangelogRestorer:
         starts: dict[tuple[str, int], int] = {}
         pending: dict[tuple[str, int], tuple[WriteBatch, int]] = {}
         ends = end_offsets(self._bootstrap, databases)
+        ids = topic_ids(self._bootstrap, (topic for topic, _ in databases))
         for key, db in databases.items():
             restored = db.get(RESTORED_OFFSET_KEY)
-            starts[key] = int(restored) + 1 if restored is not None else OFFSET_BEGINNING
-            if restored is not None and starts[key] > ends[key]:
-                # the changelog ends before what this database holds: it is not the log the rows came from
-                # (topics recreated, another cluster). Its rows belong to no one now: rebuild from the log.
+            changelog = ids[key[0]].encode()
+            held = db.get(CHANGELOG_ID_KEY)
+            # rows from another log than this changelog (its topic recreated, another cluster) belong to no
+            # one now: rebuilt from the log. Seen by the topic's id; in a database from before ids were kept,
+            # by an offset past the log's end.
+            if (held is not None and held != changelog) or (
+                restored is not None and int(restored) >= ends[key]
+            ):
                 log.warning(
-                    "%s[%d] ends at %d, before the restored %d: rebuilding", *key, ends[key], starts[key] - 1
+                    "%s[%d]: the database holds rows of another log; rebuilding from the changelog", *key
                 )
                 _wipe(db)
-                starts[key] = OFFSET_BEGINNING
+                restored = None
+            if held != changelog:
+                db.put(CHANGELOG_ID_KEY, changelog)
+            starts[key] = int(restored) + 1 if restored is not None else OFFSET_BEGINNING
             pending[key] = (WriteBatch(raw_mode=True), -1)
         applied = 0
         for message in committed_messages(self._bootstrap, starts, RESTORE_TIMEOUT_SECONDS):

@@ -85,6 +85,8 @@ class LinkResult(NamedTuple):
 _NO_CHANGES: tuple[IdentityChange, ...] = ()
 _NOTHING = LinkResult(None, _NO_CHANGES, None)
 _STATS_KEY = b"m:stats"
+# present once every neighbour code records hold is in the `n:` index (states from before 0.3.4 lack both)
+_NEIGHBOUR_INDEX_KEY = b"m:neighbour-index"
 _SHARED_MARK = b"s"
 
 
@@ -168,6 +170,10 @@ class IdentityGraph:
         # yet), a cache miss means "new": no store read (one per new identifier and per new profile id)
         self._i_complete = next(iter(self.store.iter_prefix(b"i:")), None) is None
         self._p_complete = self._cold_profiles > 0 and next(iter(self.store.iter_prefix(b"p:")), None) is None
+        self._neighbours_indexed = self.store.get(_NEIGHBOUR_INDEX_KEY) is not None
+        if not self._neighbours_indexed and next(iter(self.store.iter_prefix(b"p:")), None) is None:
+            self._writes.append((_NEIGHBOUR_INDEX_KEY, b"1"))  # a new state: indexed from its first code on
+            self._neighbours_indexed = True
         self._generic: set[str] = set()  # values that no longer link: generic, or shared (a subset)
         self._shared: set[str] = set()
         for k, v in self.store.iter_prefix(b"g:"):
@@ -448,7 +454,8 @@ class IdentityGraph:
             for code, t in add:
                 if code not in nb:
                     nb.append(code)
-                    self._writes.append((_seen_with(code, keys[xi]), b""))
+                    if ox is not None:  # a new value's codes are indexed when a record takes them (`_record`)
+                        self._writes.append((_seen_with(code, keys[xi]), b""))
                 tag = code >> 32
                 if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
                     became.append(xi)
@@ -718,6 +725,8 @@ class IdentityGraph:
         self, ident: Identifier, ev: NormalizedEvent, origin: str, nb: list[int] | None
     ) -> IdentRecord:
         at = ev.occurred_at_ms
+        for code in nb or ():
+            self._writes.append((_seen_with(code, ident.key), b""))
         return [ident.type, at, at, ev.source, ident.verified, ev.event_id, origin, nb]
 
     def _refresh_apart(self, p: ProfileState) -> None:
@@ -1026,6 +1035,8 @@ class IdentityGraph:
     def _forget_neighbours(self, key: str) -> None:
         """Remove `key`'s code from every record holding it (the `n:` index), and the index keys of the codes
         `key`'s own record holds; the store must be flushed."""
+        if not self._neighbours_indexed:
+            self._index_neighbours()
         pid = self._owner(key)
         p = self._live(pid) if pid is not None else None
         rec = p.ids.get(key) if p is not None else None
@@ -1042,6 +1053,21 @@ class IdentityGraph:
             if q is not None and held is not None and held[R_NB] and code in held[R_NB]:
                 held[R_NB] = [c for c in held[R_NB] if c != code]
                 self._touch(q)
+
+    def _index_neighbours(self) -> None:
+        """Index the neighbour codes of a state written before the `n:` index existed, at its first erase.
+
+        People codes (`_track_shared`, tag 1 << 16 above the 32 bits of crc32) name profiles, not values: an
+        erase never looks them up, so they are left out, as `_track_shared` leaves them.
+        """
+        for _, raw in self.store.iter_prefix(b"p:"):
+            for key, rec in ProfileState.decode(raw).ids.items():
+                for code in rec[R_NB] or ():
+                    if code >> 48 == 0:
+                        self._writes.append((_seen_with(code, key), b""))
+        self._writes.append((_NEIGHBOUR_INDEX_KEY, b"1"))
+        self._neighbours_indexed = True
+        self.flush()
 
     def _erase_profile(self, out: list[IdentityChange], p: ProfileState, ev_id: str | None, at: int) -> None:
         keys = sorted(p.ids)

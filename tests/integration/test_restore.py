@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 from rocksdict import Options, Rdict
 
 from streams.app.restore import RESTORED_OFFSET_KEY, ChangelogRestorer
@@ -67,4 +69,44 @@ def test_a_database_ahead_of_its_changelog_is_rebuilt_from_it(
     assert ChangelogRestorer(kafka_bootstrap).restore({(topic, 0): db}) == 2
     assert (db.get(b"stale"), db.get(b"a"), db.get(b"b")) == (None, b"a1", b"b1")
     assert db.get(RESTORED_OFFSET_KEY) == b"1"
+    db.close()
+
+
+def test_a_database_from_a_changelog_since_recreated_is_rebuilt_even_when_the_new_one_is_longer(
+    kafka_bootstrap: str, kafka_admin: AdminClient, tmp_path: Path
+) -> None:
+    """The changelog topic was deleted and created again, and has grown past the offset the database holds:
+    only its id tells the logs apart (the offset check alone resumed mid-log with the old rows)."""
+    topic = f"changelog-{uuid.uuid4().hex[:10]}"
+
+    def create() -> None:
+        deadline = time.monotonic() + 60
+        while True:  # a deleted topic's name is free again only once the deletion completes
+            futures = kafka_admin.create_topics([NewTopic(topic, 1, 1, config={"cleanup.policy": "compact"})])
+            try:
+                futures[topic].result(timeout=30)
+                return
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def fill(rows: list[tuple[bytes, bytes]]) -> None:
+        producer = Producer(
+            {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"t-{uuid.uuid4().hex}"}
+        )
+        producer.init_transactions(30)
+        _transaction(producer, topic, rows, commit=True)
+
+    create()
+    fill([(b"old", b"1")])
+    db = Rdict(str(tmp_path / "rows.db"), options=Options(raw_mode=True))
+    restorer = ChangelogRestorer(kafka_bootstrap)
+    assert restorer.restore({(topic, 0): db}) == 1 and db.get(RESTORED_OFFSET_KEY) == b"0"
+    kafka_admin.delete_topics([topic])[topic].result(timeout=30)
+    create()
+    fill([(f"new{i}".encode(), b"2") for i in range(5)])
+
+    assert restorer.restore({(topic, 0): db}) == 5
+    assert db.get(b"old") is None and db.get(b"new0") == b"2" and db.get(RESTORED_OFFSET_KEY) == b"4"
     db.close()

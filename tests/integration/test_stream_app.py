@@ -293,13 +293,14 @@ def test_large_events_and_a_foreign_internal_record_never_stop_the_worker(
     ]
     assert (dead["error_code"], dead["stage"], dead["partition"]) == ("bad_envelope", "internal", away)
     assert worker.proc.poll() is None
-    # every record was timed from its Kafka timestamp: the 300 raw events, and the envelopes carrying them
+    # every record was timed from its Kafka timestamp: the 300 raw events (and what other tests left on the
+    # raw topics, which a new app id reads from the start), and the envelopes carrying them
     counts = {
         line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
         for line in worker.metrics().splitlines()
         if line.startswith("omnistitch_record_wait_seconds_count")
     }
-    assert counts['input="raw"'] == 300 and counts['input="internal"'] >= 2
+    assert counts['input="raw"'] >= 300 and counts['input="internal"'] >= 2
 
 
 def test_an_operator_splits_kolyas_profile_in_the_running_stream(

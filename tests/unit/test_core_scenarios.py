@@ -477,6 +477,34 @@ def test_an_erased_value_seen_again_is_not_corroborated_by_its_erased_past() -> 
     assert bridge_after(erase_first=True) == ["merge_refused"]
 
 
+def test_a_state_from_before_the_neighbour_index_is_indexed_at_its_first_erase() -> None:
+    store = MemoryStore()
+    g = IdentityGraph(store)
+    g.link(ev("1", "phone:+79160000001", at=1_000))
+    g.link(ev("2", "email:bob@x.ru", at=2_000))
+    g.link(ev("3", "phone:+79160000001", "email:bob@x.ru", at=3_000))  # the phone's record notes the e-mail
+    g.close()
+    store.write_batch([(k, None) for k, _ in store.iter_prefix(b"n:")] + [(b"m:neighbour-index", None)])
+    g = IdentityGraph(store)  # as 0.3.3 left it: codes in records, no index
+    g.erase("email:bob@x.ru")
+    g.link(ev("4", "email:bob@x.ru", at=4_000))
+    again = g.link(ev("5", "phone:+79160000001", "email:bob@x.ru", at=5_000))
+    assert [c.kind.value for c in again.changes] == ["merge_refused"]  # not corroborated by the erased past
+    assert b"m:neighbour-index" in _dump(g)
+
+
+def test_a_value_that_never_got_a_record_leaves_no_neighbour_index_to_erase() -> None:
+    """The device turns generic in the event that first brings it, so no profile ever holds it: erasing it
+    leaves nothing that names it (a first cut indexed its neighbour codes anyway, and kept them)."""
+    g = IdentityGraph()
+    g.link(ev("1", "customer_id:A"))
+    g.link(ev("2", "customer_id:B"))
+    g.link(ev("3", "customer_id:A", "customer_id:B", "device_id:dq7tab"))
+    assert g.is_generic("device_id:dq7tab") and g.lookup("device_id:dq7tab") is None
+    g.erase("device_id:dq7tab")
+    assert b"dq7tab" not in _dump(g)
+
+
 def test_erasing_a_value_with_a_colon_keeps_refusals_naming_a_longer_value() -> None:
     g = IdentityGraph(rules=Rules(limits={"cookie_id": TypeLimit(1)}))
     g.link(ev("1", "customer_id:Y", "cookie_id:a"))

@@ -189,6 +189,22 @@ def test_assignments_from_resolved_follow_a_split_off_anchor_as_the_replay_does(
     ]
     final = assignments_from_resolved(resolved, changes)
     assert final == {"her-visit": "W", "his-order": "P", "before-merge": "W"}
+    # a split of the split-off profile, read first (another partition of identity.changes): followed anyway
+    chained = [
+        {
+            "kind": "profile_split",
+            "profile_id": "N",
+            "new_profiles": ["N2"],
+            "identifiers": ["cookie_id:laptop"],
+        },
+        {
+            "kind": "profile_split",
+            "profile_id": "P",
+            "new_profiles": ["N"],
+            "identifiers": ["cookie_id:laptop"],
+        },
+    ]
+    assert assignments_from_resolved(resolved[:1], chained) == {"her-visit": "N2"}
 
 
 def _event(event_id: str, *identifiers: tuple[str, str]) -> bytes:

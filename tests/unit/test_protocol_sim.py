@@ -557,6 +557,67 @@ def test_profiles_split_apart_stay_apart_after_each_merges_into_an_older_one() -
         assert refused == ["split_apart"]
 
 
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=event_specs(["page_view", "login", "order_placed"]),
+    cut=st.integers(min_value=0, max_value=40),
+    pick=st.integers(min_value=0, max_value=1_000),
+    seed=st.integers(min_value=0, max_value=1_000),
+    n=st.sampled_from([1, 3, 8]),
+)
+def test_invariants_hold_with_an_operators_split_among_events_and_erases(
+    spec: Any, cut: int, pick: int, seed: int, n: int
+) -> None:
+    """A split of some live profile, requested while later events (every third an erase) are in flight."""
+    events = events_from_specs(spec, erase_every=3)
+    sim = Sim(n, load_rules(), seed=seed, crash_rate=0.1)
+    sim.feed(events[:cut])
+    final = sim.run(_STEPS)
+    splittable = sorted((pid, sorted(p.ids)) for pid, p in final.live().items() if len(p.ids) > 1)
+    if splittable:
+        pid, keys = splittable[pick % len(splittable)]
+        sim.inject(protocol.Split(pid, tuple(keys[: 1 + pick % (len(keys) - 1)]), "", 1, "split"))
+    sim.feed(events[cut:])
+    final = sim.run(_STEPS)
+    assert_quiescent(final)
+    assert_registers_agree(final)
+
+
+def test_an_erase_racing_an_operators_split_ends_as_one_of_the_cores_orders() -> None:
+    """The phone is split off while an erase of it is on its way. The core runs one after the other: split
+    first leaves Kolya's account and e-mail; erase first leaves nothing (the split then finds no profile). A
+    review found a third outcome in 121 of 400 schedules: Kolya erased and the phone alive in the split-off
+    profile (the erase reached the profile its register still named)."""
+    verified = {"customer_id:kolya", "phone:+79160000001"}
+    before = _verified(
+        [
+            _ev("kolya", "customer_id:kolya", "email:kolya@x.ru", at=1_000),
+            _ev("login", "customer_id:kolya", "phone:+79160000001", at=2_000),
+            _ev("tablet", "phone:+79160000001", "device_id:sis-tablet", at=3_000),
+        ],
+        verified,
+    )
+    erase = _ev("forget", "phone:+79160000001", at=6_000, etype="erase")
+    core_orders = {frozenset({frozenset({"customer_id:kolya", "email:kolya@x.ru"})}), frozenset()}
+    outcomes: Counter[frozenset[frozenset[str]]] = Counter()
+    for n in (2, 3, 5, 8):
+        for seed in range(40):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.2)
+            for ev in before:
+                sim.feed([ev])
+                final = sim.run()
+            holder = final.resolve(final.ids["phone:+79160000001"].p)
+            assert holder is not None
+            sim.inject(protocol.Split(holder, ("phone:+79160000001", "device_id:sis-tablet"), "", 5_000, "s"))
+            sim.feed([erase])
+            final = sim.run()
+            outcome = frozenset(frozenset(p.ids) for p in final.live().values())
+            outcomes[outcome] += 1
+            assert outcome in core_orders, (n, seed, outcome)
+            assert_registers_agree(final)
+    assert len(outcomes) == 2  # both orders happen
+
+
 def test_erase_wipes_profile_and_releases_registers() -> None:
     events = [_ev("a", "email:x@y.z", "cookie_id:k", at=1), _ev("b", "cookie_id:k", at=2)]
     sim = Sim(3, load_rules(), seed=7)
@@ -691,7 +752,7 @@ def test_messages_round_trip_through_bytes() -> None:
         Erase("email:a@b.c", None, "e9", 6),
         WeakSeen("device_id:d", "Q", "P", "e1", 5),
         protocol.Split("P", ("phone:+71", "email:a@b.c"), "two people", 6, "split-1"),
-        protocol.Reassign("phone:+71", "N"),
+        protocol.Reassign("phone:+71", "N", ("P", "Q")),
     ]
     for m in msgs:
         back = decode_msg(encode_msg(m))
