@@ -474,18 +474,23 @@ def _split_story(
     return core, list(core_changes), runs()
 
 
-def test_an_operators_split_moves_identifiers_and_their_future_events_as_in_the_core() -> None:
-    """Kolya's profile took his sister's phone and tablet; the operator splits them off. Her next visit goes
-    to the new profile, and an event naming Kolya's account with her phone is refused (`split_apart`)."""
-    verified = {"customer_id:kolya", "phone:+79160000001"}
-    before = _verified(
+def _kolya_with_his_sisters_tablet() -> list[NormalizedEvent]:
+    """Kolya's account, his phone, then his sister's tablet seen with that phone: one profile, to be split."""
+    return _verified(
         [
             _ev("kolya", "customer_id:kolya", "email:kolya@x.ru", at=1_000),
             _ev("login", "customer_id:kolya", "phone:+79160000001", at=2_000),
             _ev("tablet", "phone:+79160000001", "device_id:sis-tablet", at=3_000),
         ],
-        verified,
+        {"customer_id:kolya", "phone:+79160000001"},
     )
+
+
+def test_an_operators_split_moves_identifiers_and_their_future_events_as_in_the_core() -> None:
+    """Kolya's profile took his sister's phone and tablet; the operator splits them off. Her next visit goes
+    to the new profile, and an event naming Kolya's account with her phone is refused (`split_apart`)."""
+    before = _kolya_with_his_sisters_tablet()
+    verified = {"customer_id:kolya", "phone:+79160000001"}
     after = _verified(
         [
             _ev("her-visit", "device_id:sis-tablet", "cookie_id:c9", at=6_000),
@@ -588,15 +593,7 @@ def test_an_erase_racing_an_operators_split_ends_as_one_of_the_cores_orders() ->
     first leaves Kolya's account and e-mail; erase first leaves nothing (the split then finds no profile). A
     review found a third outcome in 121 of 400 schedules: Kolya erased and the phone alive in the split-off
     profile (the erase reached the profile its register still named)."""
-    verified = {"customer_id:kolya", "phone:+79160000001"}
-    before = _verified(
-        [
-            _ev("kolya", "customer_id:kolya", "email:kolya@x.ru", at=1_000),
-            _ev("login", "customer_id:kolya", "phone:+79160000001", at=2_000),
-            _ev("tablet", "phone:+79160000001", "device_id:sis-tablet", at=3_000),
-        ],
-        verified,
-    )
+    before = _kolya_with_his_sisters_tablet()
     erase = _ev("forget", "phone:+79160000001", at=6_000, etype="erase")
     core_orders = {frozenset({frozenset({"customer_id:kolya", "email:kolya@x.ru"})}), frozenset()}
     outcomes: Counter[frozenset[frozenset[str]]] = Counter()
