@@ -252,6 +252,9 @@ class ChannelProducer:
 
     def send_validated(self, raw: bytes, key: bytes | None) -> None:
         """Send an already validated event: paced to `rate`, retried on a full local queue."""
+        if self.stats.sent == 0:
+            self.stats.started = time.monotonic()  # from the first send, not from building the producer
+        self.stats.finished = None  # sending (again): the clock runs until the next `flush`
         if self.rate is not None:
             self._pace()
         while True:

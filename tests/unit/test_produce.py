@@ -123,6 +123,21 @@ def test_key_is_strongest_normalised_identifier_and_topic_defaults_to_raw_source
     assert fake.sent[0][1] == _event()  # the value is the event as given
 
 
+def test_elapsed_runs_from_the_first_send_to_the_last_flush() -> None:
+    """A gateway builds its producer at start-up and sends later: the rate is the sending's, not the uptime's
+    (0.3.3 counted from construction, and stopped the clock at the first flush for good)."""
+    producer, _ = _producer()
+    time.sleep(0.3)
+    producer.send(_event())
+    producer.flush()
+    assert producer.stats.elapsed < 0.25
+    first = producer.stats.elapsed
+    time.sleep(0.3)
+    producer.send(_event("e2"))
+    producer.flush()
+    assert producer.stats.elapsed >= first + 0.3 and producer.stats.sent == 2
+
+
 def test_invalid_event_is_never_sent() -> None:
     producer, fake = _producer()
     with pytest.raises(InvalidEvent):
