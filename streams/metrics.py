@@ -100,7 +100,6 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
-# Event time → resolved: buckets span the 250 ms p99 target at 5k events/s up to a backlog of minutes.
 # How long input records waited between being produced (their Kafka timestamp) and being handled: for raw
 # records, a producer's send to the first step; for internal ones, one partition hop. Event-time lag cannot
 # show this: it also counts how late producers send (a backfill's events are hours old on arrival).
@@ -111,6 +110,7 @@ RECORD_WAIT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+# Event time → resolved: buckets span the 250 ms p99 target at 5k events/s up to a backlog of minutes.
 EVENT_LAG_SECONDS = Histogram(
     "omnistitch_event_lag_seconds",
     "End-to-end lag from the event's occurred_at to its resolution.",

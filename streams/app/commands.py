@@ -105,6 +105,7 @@ def split_in_stream(profile_id: str, identifiers: list[str], reason: str) -> Non
 
     from streams.app.protocol import Split, destination, encode_envelopes
     from streams.app.topics import internal_topic
+    from streams.topic_reader import end_offsets
 
     settings = AppSettings.from_env()
     request = f"split-{uuid.uuid4().hex}"
@@ -120,13 +121,8 @@ def split_in_stream(profile_id: str, identifiers: list[str], reason: str) -> Non
     try:
         # from where identity.changes ends now: the split's changes can only come after
         metadata = consumer.list_topics("identity.changes", timeout=10).topics["identity.changes"]
-        ends = []
-        for partition in metadata.partitions:
-            _, high = consumer.get_watermark_offsets(
-                TopicPartition("identity.changes", partition), timeout=10
-            )
-            ends.append(TopicPartition("identity.changes", partition, high))
-        consumer.assign(ends)
+        ends = end_offsets(settings.bootstrap, (("identity.changes", p) for p in metadata.partitions))
+        consumer.assign([TopicPartition(topic, p, offset) for (topic, p), offset in ends.items()])
         # the profile's home by the deployment's own partition count, not this shell's OMNISTITCH_PARTITIONS
         internal = internal_topic(settings)
         found = consumer.list_topics(internal, timeout=10).topics.get(internal)

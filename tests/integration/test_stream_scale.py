@@ -35,7 +35,7 @@ from streams.evaluate import assignments_from_resolved, score
 from streams.exceptions import InvalidEvent
 from streams.produce import ChannelProducer
 from streams.simulate import SimConfig, simulate
-from streams.topic_reader import committed_messages, read_to_end
+from streams.topic_reader import committed_messages, end_offsets, read_to_end
 from streams.validate import validate_event
 from tests.integration.workers import BrokerError, Worker, localkafka, wait_for
 
@@ -157,18 +157,6 @@ class Feed(threading.Thread):
             self.error = exc
 
 
-def _end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:6]}"})
-    try:
-        return {
-            (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for topic in topics
-            for p in range(PARTITIONS)
-        }
-    finally:
-        consumer.close()
-
-
 def _unconsumed(cluster: Cluster) -> int:
     """Input records (raw and internal) past the offsets the app's group has committed: work not done yet.
 
@@ -230,14 +218,15 @@ def _wait_quiescent(cluster: Cluster, population: Population, timeout: float = 3
         wait_for("every input resolved or dead-lettered", all_out, timeout=timeout)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; unresolved valid input: {_unresolved(cluster.bootstrap)}") from None
-    watched = [internal_topic(AppSettings(app_id=cluster.app_id)), "profiles", "identity.changes"]
+    topics = [internal_topic(AppSettings(app_id=cluster.app_id)), "profiles", "identity.changes"]
+    watched = [(topic, p) for topic in topics for p in range(PARTITIONS)]
     while True:  # quiet for 5 s, and every input record (raw and internal) handled and committed
         wait_for("every input record consumed", lambda: _unconsumed(cluster) == 0, timeout=timeout)
-        last = _end_offsets(cluster.bootstrap, watched)
+        last = end_offsets(cluster.bootstrap, watched)
         stable_since = time.monotonic()
         while time.monotonic() - stable_since < 5:
             time.sleep(1)
-            now = _end_offsets(cluster.bootstrap, watched)
+            now = end_offsets(cluster.bootstrap, watched)
             if now != last:
                 last, stable_since = now, time.monotonic()
         if _unconsumed(cluster) == 0:
