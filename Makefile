@@ -7,6 +7,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NATIVE_STAMP := $(VENV)/.native
+NATIVE_SOURCES := $(wildcard native/src/*.rs) native/Cargo.toml native/Cargo.lock native/pyproject.toml
 KAFKA := $(PY) deploy/kafka/localkafka.py
 RUN_DIR := .run
 PYTEST_ARGS ?=
@@ -24,10 +26,16 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
+# the native link engine (Rust, native/): built where cargo is; without it the core runs in Python alone
+$(NATIVE_STAMP): $(NATIVE_SOURCES) | $(STAMP)
+	@if command -v cargo >/dev/null; then \
+		echo "building the native engine (native/, cargo)"; $(PY) -m pip install -q ./native && touch $@; \
+	else echo "cargo not found: the native engine is not built; the core runs in Python (native/README.md)"; fi
+
 deploy/kafka/.classpath: deploy/kafka/pom.xml | $(PY)
 	$(KAFKA) classpath
 
-setup: $(STAMP) deploy/kafka/.classpath ## venv + pinned Python deps + Kafka broker jars (fast when done)
+setup: $(STAMP) $(NATIVE_STAMP) deploy/kafka/.classpath ## venv + pinned Python deps + native engine (with cargo) + broker jars
 
 lock: | $(PY) ## re-pin constraints.txt from a fresh resolve of pyproject.toml
 	rm -rf $(RUN_DIR)/lockenv && $(PYTHON) -m venv $(RUN_DIR)/lockenv

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
 from streams.core import IdentityGraph, RocksStore, Rules
+from streams.core.native import NativeGraph, native_available
 from streams.events import Identifier, NormalizedEvent
 from streams.runtime import tune_gc
 
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flush-every", type=int, default=None, help="Events per write batch (graph default).")
     ap.add_argument("--unprotected", action="store_true", help="Merge protection off (plain components).")
     ap.add_argument("--no-history", action="store_true", help="Do not store change history (explain).")
+    ap.add_argument(
+        "--engine",
+        choices=("native", "python"),
+        default="native" if native_available() else "python",
+        help="The Rust link path (default when built) or the Python graph.",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -163,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             "flush_every": args.flush_every,
         }
         extra: dict[str, Any] = {k: v for k, v in sizes.items() if v is not None}
-        graph = IdentityGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
+        graph: IdentityGraph | NativeGraph
+        if args.engine == "native":
+            graph = NativeGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
+        else:
+            graph = IdentityGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
         link = graph.link
         tune_gc()  # as the CLI does: the figures are the replay's
         for chunk in events(args.events, args.per_person):
@@ -210,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": f"simulator-shaped: ~{args.per_person} events/person, most touching only known identifiers",
         "events_per_person": args.per_person,
         "events_without_changes": round(quiet / n_events, 3) if n_events else None,
+        "engine": args.engine,
         "cache_profiles": graph.cache_profiles,
         "cold_profiles": graph.cold_profiles,
         "cache_identifiers": graph.cache_identifiers,

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from streams.core import IdentityChange, IdentityGraph, RocksStore, format_explanation, load_rules
 from streams.core.graph import ERASE_TYPE
+from streams.core.native import NativeGraph, native_available
 from streams.core.rules import session_owner
 from streams.events import Identifier, NormalizedEvent
 from streams.exceptions import ConfigError, InvalidEvent, OmnistitchError, UnknownProfileOrIdentifier
@@ -39,6 +40,8 @@ __all__ = [
     "split_command",
 ]
 
+# `replay --engine`: the Rust linker, the Python graph, or the Rust one when it is built
+ENGINES = ("auto", "native", "python")
 # Lines per block handed to a validation worker: big enough that pickling overhead is per block, small enough
 # that the first events reach the graph at once.
 _CHUNK_LINES = 2_000
@@ -60,6 +63,7 @@ class ReplaySummary:
         self.unassigned = 0
         self.seconds = 0.0
         self.stats: dict[str, Any] = {}
+        self.engine = "python"
 
     @property
     def events_per_second(self) -> float:
@@ -206,17 +210,28 @@ def replay(
     resolved: Path | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    engine: str = "auto",
 ) -> ReplaySummary:
-    """Validate (in parallel when it pays), stitch in input order, write each valid event's final profile."""
+    """Validate (in parallel when it pays), stitch in input order, write each valid event's final profile.
+
+    `engine`: "native" links with the Rust engine, "python" with `IdentityGraph`, "auto" (default) with the
+    native one when it is built. Both write the same state and assignments, byte for byte.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r} (one of: {', '.join(ENGINES)})")
+    native = engine == "native" or (engine == "auto" and native_available())
+    if native and not native_available():
+        raise ConfigError("the native engine is not built (omnistitch_native): run `make setup` with cargo")
     rules = load_rules(rules_path)
     settings = NormalizationSettings.from_env()  # config errors surface here, before any process starts
     total_bytes = sum(p.stat().st_size for p in inputs if str(p) != "-" and p.is_file())
     n_workers = _workers(workers, total_bytes)
     summary = ReplaySummary()
-    graph = IdentityGraph(RocksStore(state), rules)
+    summary.engine = "native" if native else "python"
+    linker = NativeGraph(RocksStore(state), rules) if native else IdentityGraph(RocksStore(state), rules)
     erasing = False  # an erase event: its values must leave RocksDB's files too (compaction at the end)
     started = time.perf_counter()
-    link = graph.link
+    link = linker.link
     invalid = summary.invalid
     # spool: one line per valid event [event_id, profile at link time, anchor, resolved body | null,
     # occurred_at_ms, identifier keys when it carries a device / cookie (for session attribution) | null]
@@ -249,6 +264,8 @@ def replay(
                     )
                     + b"\n"
                 )
+        # step "final" reads the state through the Python graph (the native engine only links)
+        graph = linker.python() if isinstance(linker, NativeGraph) else linker
         graph.flush()
         # step "final": follow merges (and splits) to where each event's profile ended up
         final_of = _FinalProfiles(graph)
@@ -354,6 +371,7 @@ def _print_summary(console: Console, s: ReplaySummary) -> None:
     table = Table(title="omnistitch replay", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("engine", s.engine)
     table.add_row("lines read", f"{s.lines:,}")
     table.add_row("valid events", f"{s.valid:,}")
     table.add_row("invalid lines", f"{sum(s.invalid.values()):,}")
@@ -383,6 +401,11 @@ def replay_command(
     resolved: Path | None = typer.Option(  # noqa: B008
         None, "--resolved", help="Output: resolved events (ResolvedEvent shape) with their final profile."
     ),
+    engine: str = typer.Option(
+        "auto",
+        "--engine",
+        help="Linker: native (Rust), python, or auto (native when built); same output either way.",
+    ),
 ) -> None:
     """Stitch event files offline into a state directory; write each event's final profile id."""
     console = Console(stderr=True)
@@ -391,10 +414,16 @@ def replay_command(
             columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
             with Progress(*columns, console=console, transient=True) as progress:
                 summary = replay(
-                    inputs, state, assignments, rules_path=rules, resolved=resolved, progress=progress
+                    inputs,
+                    state,
+                    assignments,
+                    rules_path=rules,
+                    resolved=resolved,
+                    progress=progress,
+                    engine=engine,
                 )
         else:
-            summary = replay(inputs, state, assignments, rules_path=rules, resolved=resolved)
+            summary = replay(inputs, state, assignments, rules_path=rules, resolved=resolved, engine=engine)
     except (OmnistitchError, OSError) as exc:
         console.print(f"[red]replay failed:[/red] {exc}")
         raise typer.Exit(2) from exc

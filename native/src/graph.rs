@@ -1,0 +1,1385 @@
+//! `IdentityGraph.link` (streams/core/graph.py) step for step, over the same store keys and bytes.
+//!
+//! Profiles are shared `Rc<RefCell<_>>`, as the Python code shares profile objects between the cache, the
+//! dirty set and the link step's locals; identifier records are copied where Python moves a shared list
+//! (pending → other, absorb), which behaves the same because the source is dropped. Everything but `link` (erase events,
+//! split, explain, lookups) stays in Python, which reads and writes the same store.
+
+use std::cell::RefCell;
+use std::hash::BuildHasherDefault;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
+use std::rc::Rc;
+
+use indexmap::IndexMap;
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use serde_json::{Map, Value};
+
+use crate::ids::{count_people, derive_profile_id_where, neighbour_code, people_code};
+use crate::rules::{contains, Ident, Rules};
+use crate::state::{bump, put_int, put_opt_str, put_str, put_strs, Profile, Rec, MERGED};
+
+pub type P = Rc<RefCell<Profile>>;
+type Fx = BuildHasherDefault<FxHasher>;
+type Pid = Rc<str>;
+
+const STATS_KEY: &[u8] = b"m:stats";
+const NEIGHBOUR_INDEX_KEY: &[u8] = b"m:neighbour-index";
+const STAT_NAMES: [&str; 8] = [
+    "events",
+    "profiles_created",
+    "profiles_live",
+    "merges",
+    "splits",
+    "erased",
+    "generic",
+    "shared",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Created,
+    Attached,
+    Merged,
+    Refused,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Created => "profile_created",
+            Kind::Attached => "identifiers_attached",
+            Kind::Merged => "profiles_merged",
+            Kind::Refused => "merge_refused",
+        }
+    }
+}
+
+/// A change's payload, in the key order the Python graph builds its dict.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    Created {
+        identifiers: Vec<String>,
+        anchor: String,
+    },
+    Attached {
+        identifier: String,
+        bridge: Vec<String>,
+    },
+    Merged {
+        merged: String,
+        moved: Vec<String>,
+        bridge: Vec<String>,
+        bridge_other: Vec<String>,
+    },
+    Refused {
+        rule: String,
+        detail: String,
+        identifiers: Vec<String>,
+        other: Option<String>,
+    },
+}
+
+impl Payload {
+    fn write_json(&self, o: &mut Vec<u8>) {
+        match self {
+            Payload::Created {
+                identifiers,
+                anchor,
+            } => {
+                o.extend_from_slice(b"\"identifiers\":");
+                put_strs(o, identifiers);
+                o.extend_from_slice(b",\"anchor\":");
+                put_str(o, anchor);
+            }
+            Payload::Attached { identifier, bridge } => {
+                o.extend_from_slice(b"\"identifier\":");
+                put_str(o, identifier);
+                o.extend_from_slice(b",\"bridge\":");
+                put_strs(o, bridge);
+            }
+            Payload::Merged {
+                merged,
+                moved,
+                bridge,
+                bridge_other,
+            } => {
+                o.extend_from_slice(b"\"merged_profile_id\":");
+                put_str(o, merged);
+                o.extend_from_slice(b",\"identifiers_moved\":");
+                put_strs(o, moved);
+                o.extend_from_slice(b",\"bridge\":");
+                put_strs(o, bridge);
+                o.extend_from_slice(b",\"bridge_other\":");
+                put_strs(o, bridge_other);
+            }
+            Payload::Refused {
+                rule,
+                detail,
+                identifiers,
+                other,
+            } => {
+                o.extend_from_slice(b"\"rule\":");
+                put_str(o, rule);
+                o.extend_from_slice(b",\"detail\":");
+                put_str(o, detail);
+                o.extend_from_slice(b",\"identifiers\":");
+                put_strs(o, identifiers);
+                o.extend_from_slice(b",\"other_profile_id\":");
+                put_opt_str(o, other.as_deref());
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub kind: Kind,
+    pub profile_id: String,
+    pub seq: i64,
+    pub event_id: String,
+    pub at: i64,
+    pub payload: Payload,
+}
+
+/// What `link` needs of a `NormalizedEvent`; an order keeps its attributes, read as `record_event` reads them.
+pub struct Event {
+    pub id: String,
+    pub source: String,
+    pub channel: String,
+    pub at: i64,
+    pub idents: Vec<Ident>,
+    pub is_order: bool,
+    pub attributes: Option<Py<PyAny>>,
+}
+
+pub struct LinkOut {
+    pub profile_id: Option<String>,
+    pub changes: Vec<Change>,
+    pub anchor: Option<String>,
+}
+
+/// A refusal emitted at the end of `link` against the event's final profile.
+struct Pending {
+    rule: String,
+    detail: String,
+    identifiers: Vec<String>,
+    other: Option<String>,
+}
+
+pub struct Graph {
+    pub rules: Rules,
+    store: Py<PyAny>,
+    decimal: Py<PyAny>,
+    invalid_operation: Py<PyAny>,
+    cache_profiles: usize,
+    cold_profiles: usize,
+    cache_identifiers: usize,
+    flush_every: i64,
+    history: bool,
+    p_young: HashMap<String, P>,
+    p_old: HashMap<String, P>,
+    /// profiles as `Profile::pack` bytes under the decoded ones: a hot-cache miss is a short decode
+    b_young: HashMap<Box<str>, Box<[u8]>>,
+    b_old: HashMap<Box<str>, Box<[u8]>>,
+    i_young: HashMap<String, Pid>,
+    i_old: HashMap<String, Pid>,
+    dirty_p: IndexMap<String, P, Fx>,
+    dirty_i: IndexMap<String, Option<Pid>, Fx>,
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    since_flush: i64,
+    i_complete: bool,
+    p_complete: bool,
+    generic: HashSet<String>,
+    pub stats: Map<String, Value>,
+    empty: Pid,
+}
+
+fn seen_with(code: i64, key: &str) -> Vec<u8> {
+    format!("n:{code:012x}:{key}").into_bytes()
+}
+
+fn py_err(e: String) -> PyErr {
+    PyValueError::new_err(e)
+}
+
+impl Graph {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        py: Python<'_>,
+        store: Py<PyAny>,
+        rules: Rules,
+        cache_profiles: usize,
+        cold_profiles: usize,
+        cache_identifiers: usize,
+        flush_every: i64,
+        history: bool,
+    ) -> PyResult<Graph> {
+        let decimal_module = py.import_bound("decimal")?;
+        let mut g = Graph {
+            rules,
+            store,
+            decimal: decimal_module.getattr("Decimal")?.unbind(),
+            invalid_operation: decimal_module.getattr("InvalidOperation")?.unbind(),
+            cache_profiles: cache_profiles.max(1),
+            cold_profiles,
+            cache_identifiers: cache_identifiers.max(1),
+            flush_every: flush_every.max(1),
+            history,
+            p_young: HashMap::default(),
+            p_old: HashMap::default(),
+            b_young: HashMap::default(),
+            b_old: HashMap::default(),
+            i_young: HashMap::default(),
+            i_old: HashMap::default(),
+            dirty_p: IndexMap::default(),
+            dirty_i: IndexMap::default(),
+            writes: Vec::new(),
+            since_flush: 0,
+            i_complete: false,
+            p_complete: false,
+            generic: HashSet::default(),
+            stats: Map::new(),
+            empty: Rc::from(""),
+        };
+        g.load(py)?;
+        Ok(g)
+    }
+
+    fn store_has(&self, py: Python<'_>, prefix: &[u8]) -> PyResult<bool> {
+        let it = self
+            .store
+            .bind(py)
+            .call_method1("iter_prefix", (PyBytes::new_bound(py, prefix),))?;
+        let first = it.iter()?.next();
+        match first {
+            None => Ok(false),
+            Some(r) => r.map(|_| true),
+        }
+    }
+
+    fn store_get(&self, py: Python<'_>, key: &[u8]) -> PyResult<Option<Vec<u8>>> {
+        let v = self
+            .store
+            .bind(py)
+            .call_method1("get", (PyBytes::new_bound(py, key),))?;
+        if v.is_none() {
+            Ok(None)
+        } else {
+            Ok(Some(v.extract::<Vec<u8>>()?))
+        }
+    }
+
+    /// (Re)read what the Python graph's constructor reads: generic marks, stats, whether the store is new.
+    pub fn load(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.forget();
+        self.i_complete = !self.store_has(py, b"i:")?;
+        let no_profiles = !self.store_has(py, b"p:")?;
+        self.p_complete = self.cold_profiles > 0 && no_profiles;
+        let indexed = self.store_get(py, NEIGHBOUR_INDEX_KEY)?.is_some();
+        if !indexed && no_profiles {
+            self.writes
+                .push((NEIGHBOUR_INDEX_KEY.to_vec(), Some(b"1".to_vec())));
+        }
+        self.generic.clear();
+        let marks = self
+            .store
+            .bind(py)
+            .call_method1("iter_prefix", (PyBytes::new_bound(py, b"g:"),))?;
+        for item in marks.iter()? {
+            // b"1" generic, b"s" shared: to the link step both are values that no longer link
+            let (k, _mark): (Vec<u8>, Vec<u8>) = item?.extract()?;
+            let key = String::from_utf8(k[2..].to_vec()).map_err(|e| py_err(e.to_string()))?;
+            self.generic.insert(key);
+        }
+        self.stats = match self.store_get(py, STATS_KEY)? {
+            None => Map::new(),
+            Some(raw) => match serde_json::from_slice(&raw) {
+                Ok(Value::Object(m)) => m,
+                _ => return Err(py_err("m:stats is not a JSON object".into())),
+            },
+        };
+        for name in STAT_NAMES {
+            self.stats.entry(name).or_insert(Value::from(0));
+        }
+        self.stats
+            .entry("refusals")
+            .or_insert(Value::Object(Map::new()));
+        Ok(())
+    }
+
+    /// Drop every cached profile and owner (the store is about to change under us).
+    pub fn forget(&mut self) {
+        self.p_young.clear();
+        self.p_old.clear();
+        self.b_young.clear();
+        self.b_old.clear();
+        self.i_young.clear();
+        self.i_old.clear();
+    }
+
+    fn inc(&mut self, name: &str, delta: i64) -> PyResult<()> {
+        match self.stats.get_mut(name) {
+            Some(v) => *v = Self::plus(v, delta, name)?,
+            None => {
+                self.stats.insert(name.to_owned(), Value::from(delta));
+            }
+        }
+        Ok(())
+    }
+
+    fn plus(v: &Value, delta: i64, name: &str) -> PyResult<Value> {
+        if let Some(n) = v.as_i64() {
+            return Ok(Value::from(n + delta));
+        }
+        match v.as_f64() {
+            Some(x) => Ok(Value::from(x + delta as f64)),
+            None => Err(PyTypeError::new_err(format!(
+                "m:stats counter {name} is not a number: {v}"
+            ))),
+        }
+    }
+
+    fn refused(&mut self, rule: &str) -> PyResult<()> {
+        match self.stats.get_mut("refusals") {
+            Some(Value::Object(m)) => {
+                let n = match m.get(rule) {
+                    Some(v) => Self::plus(v, 1, rule)?,
+                    None => Value::from(1),
+                };
+                m.insert(rule.to_owned(), n);
+                Ok(())
+            }
+            _ => Err(PyTypeError::new_err("m:stats refusals is not an object")),
+        }
+    }
+
+    // --- cache / store plumbing ----------------------------------------------------------------
+
+    fn get_profile(&mut self, py: Python<'_>, pid: &str) -> PyResult<Option<P>> {
+        if let Some(p) = self.p_young.get(pid) {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(p) = self.p_old.remove(pid) {
+            self.p_young.insert(pid.to_owned(), p.clone());
+            return Ok(Some(p));
+        }
+        let profile = match self.b_young.get(pid) {
+            Some(packed) => Profile::unpack(packed),
+            None => match self.b_old.remove_entry(pid) {
+                Some((k, packed)) => {
+                    let profile = Profile::unpack(&packed);
+                    self.b_young.insert(k, packed);
+                    profile
+                }
+                None => {
+                    if self.p_complete {
+                        return Ok(None);
+                    }
+                    let mut key = b"p:".to_vec();
+                    key.extend_from_slice(pid.as_bytes());
+                    let Some(raw) = self.store_get(py, &key)? else {
+                        return Ok(None);
+                    };
+                    let mut profile = Profile::decode(&raw).map_err(py_err)?;
+                    // `ProfileState.decode` reads revenue with Decimal(...) and `encode` writes str(...): a
+                    // non-canonical string ("+10.00") comes back canonical, an invalid one raises
+                    for (_, amount) in profile.revenue.iter_mut() {
+                        *amount = self
+                            .decimal
+                            .bind(py)
+                            .call1((amount.as_str(),))?
+                            .str()?
+                            .extract()?;
+                    }
+                    if self.cold_profiles > 0 {
+                        self.b_young.insert(Box::from(pid), profile.pack());
+                    }
+                    profile
+                }
+            },
+        };
+        let p = Rc::new(RefCell::new(profile));
+        self.p_young.insert(pid.to_owned(), p.clone());
+        Ok(Some(p))
+    }
+
+    fn live(&mut self, py: Python<'_>, pid: &str) -> PyResult<Option<P>> {
+        let mut p = self.get_profile(py, pid)?;
+        loop {
+            let next = match &p {
+                Some(q) => {
+                    let q = q.borrow();
+                    if q.status == MERGED {
+                        q.merged_into.clone()
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            };
+            match next {
+                Some(into) => p = self.get_profile(py, &into)?,
+                None => return Ok(p),
+            }
+        }
+    }
+
+    fn owner(&mut self, py: Python<'_>, key: &str) -> PyResult<Option<Pid>> {
+        let pid = match self.i_young.get(key) {
+            Some(pid) => pid.clone(),
+            None => {
+                let pid = match self.i_old.remove(key) {
+                    Some(pid) => pid,
+                    None => {
+                        if self.i_complete {
+                            self.empty.clone()
+                        } else {
+                            let mut k = b"i:".to_vec();
+                            k.extend_from_slice(key.as_bytes());
+                            match self.store_get(py, &k)? {
+                                None => self.empty.clone(),
+                                Some(raw) => Rc::from(
+                                    String::from_utf8(raw).map_err(|e| py_err(e.to_string()))?,
+                                ),
+                            }
+                        }
+                    }
+                };
+                self.i_young.insert(key.to_owned(), pid.clone());
+                pid
+            }
+        };
+        Ok(if pid.is_empty() { None } else { Some(pid) })
+    }
+
+    fn set_owner(&mut self, key: &str, pid: &str) {
+        let pid: Pid = Rc::from(pid);
+        self.i_young.insert(key.to_owned(), pid.clone());
+        self.dirty_i.insert(key.to_owned(), Some(pid));
+    }
+
+    fn touch(&mut self, p: &P) {
+        let q = p.borrow();
+        match self.dirty_p.get_mut(q.id.as_str()) {
+            Some(slot) => *slot = p.clone(),
+            None => {
+                self.dirty_p.insert(q.id.clone(), p.clone());
+            }
+        }
+    }
+
+    /// Write every buffered change to the store in one batch, then trim the caches.
+    pub fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        let items = PyList::empty_bound(py);
+        let keep = self.cold_profiles > 0;
+        for (pid, p) in &self.dirty_p {
+            let mut key = b"p:".to_vec();
+            key.extend_from_slice(pid.as_bytes());
+            let p = p.borrow();
+            items.append((
+                PyBytes::new_bound(py, &key),
+                PyBytes::new_bound(py, &p.encode()),
+            ))?;
+            if keep {
+                self.b_old.remove(pid.as_str());
+                self.b_young.insert(Box::from(pid.as_str()), p.pack());
+            }
+        }
+        for (ident, owner) in &self.dirty_i {
+            let mut key = b"i:".to_vec();
+            key.extend_from_slice(ident.as_bytes());
+            let value = owner.as_ref().map(|o| PyBytes::new_bound(py, o.as_bytes()));
+            items.append((PyBytes::new_bound(py, &key), value))?;
+        }
+        for (key, value) in &self.writes {
+            let value = value.as_ref().map(|v| PyBytes::new_bound(py, v));
+            items.append((PyBytes::new_bound(py, key), value))?;
+        }
+        let stats = serde_json::to_vec(&self.stats).map_err(|e| py_err(e.to_string()))?;
+        items.append((
+            PyBytes::new_bound(py, STATS_KEY),
+            PyBytes::new_bound(py, &stats),
+        ))?;
+        self.store.bind(py).call_method1("write_batch", (items,))?;
+        self.dirty_p.clear();
+        self.dirty_i.clear();
+        self.writes.clear();
+        self.since_flush = 0;
+        if self.p_young.len() > self.cache_profiles {
+            self.p_old = std::mem::take(&mut self.p_young);
+        }
+        if self.b_young.len() > self.cold_profiles {
+            self.p_complete = self.p_complete && self.b_old.is_empty();
+            self.b_old = std::mem::take(&mut self.b_young);
+        }
+        if self.i_young.len() > self.cache_identifiers {
+            self.i_complete = self.i_complete && self.i_old.is_empty();
+            self.i_old = std::mem::take(&mut self.i_young);
+        }
+        Ok(())
+    }
+
+    // --- changes ------------------------------------------------------------------------------
+
+    fn emit(
+        &mut self,
+        out: &mut Vec<Change>,
+        p: &P,
+        kind: Kind,
+        ev_id: &str,
+        at: i64,
+        payload: Payload,
+    ) {
+        let (pid, seq) = {
+            let mut q = p.borrow_mut();
+            q.seq += 1;
+            (q.id.clone(), q.seq)
+        };
+        self.touch(p);
+        if self.history {
+            let hkey = format!("h:{pid}:{seq:010}").into_bytes();
+            let mut entry = Vec::with_capacity(160);
+            entry.extend_from_slice(b"{\"k\":");
+            put_str(&mut entry, kind.name());
+            entry.extend_from_slice(b",\"e\":");
+            put_str(&mut entry, ev_id);
+            entry.extend_from_slice(b",\"t\":");
+            put_int(&mut entry, at);
+            entry.push(b',');
+            payload.write_json(&mut entry);
+            entry.push(b'}');
+            self.writes.push((hkey.clone(), Some(entry)));
+            if let Payload::Refused { identifiers, .. } = &payload {
+                for key in identifiers {
+                    self.writes.push((
+                        format!("r:{key}:{pid}:{seq:010}").into_bytes(),
+                        Some(hkey.clone()),
+                    ));
+                }
+            }
+        }
+        out.push(Change {
+            kind,
+            profile_id: pid,
+            seq,
+            event_id: ev_id.to_owned(),
+            at,
+            payload,
+        });
+    }
+
+    // --- aggregates ---------------------------------------------------------------------------
+
+    fn add_money(
+        &self,
+        py: Python<'_>,
+        held: Option<&str>,
+        amount: &Bound<'_, PyAny>,
+    ) -> PyResult<String> {
+        let dec = self.decimal.bind(py);
+        let base = dec.call1((held.unwrap_or("0"),))?;
+        base.call_method1("__add__", (amount,))?.str()?.extract()
+    }
+
+    /// `ProfileState.record_event`.
+    fn record_event(&self, py: Python<'_>, p: &mut Profile, ev: &Event) -> PyResult<()> {
+        let at = ev.at;
+        p.events += 1;
+        if at > p.last {
+            p.last = at;
+        }
+        if at < p.first {
+            p.first = at;
+        }
+        bump(&mut p.channels, &ev.channel, 1, at);
+        bump(&mut p.sources, &ev.source, 1, at);
+        let Some(attrs) = ev.attributes.as_ref().filter(|_| ev.is_order) else {
+            return Ok(());
+        };
+        p.orders += 1;
+        let attrs = attrs.bind(py);
+        let total = attrs.call_method1(pyo3::intern!(py, "get"), ("total",))?;
+        if total.is_none() {
+            return Ok(());
+        }
+        // a Decimal as is, anything else through its string; one Decimal refuses counts as an order, no revenue
+        let decimal = self.decimal.bind(py);
+        let amount = if total.is_instance(decimal)? {
+            total
+        } else {
+            match decimal.call1((total.str()?,)) {
+                Ok(amount) => amount,
+                Err(e) if e.is_instance_bound(py, self.invalid_operation.bind(py)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        };
+        let currency = attrs.call_method1(pyo3::intern!(py, "get"), ("currency",))?;
+        let currency: String = if currency.is_truthy()? {
+            currency.str()?.extract()?
+        } else {
+            "XXX".to_owned()
+        };
+        let held = p.revenue.iter().position(|(c, _)| *c == currency);
+        let sum = self.add_money(py, held.map(|i| p.revenue[i].1.as_str()), &amount)?;
+        match held {
+            Some(i) => p.revenue[i].1 = sum,
+            None => p.revenue.push((currency, sum)),
+        }
+        Ok(())
+    }
+
+    /// `ProfileState.absorb`: fold `b` into `a` (merge; `b` is the loser).
+    fn absorb(&self, py: Python<'_>, a: &mut Profile, b: &Profile) -> PyResult<()> {
+        for (key, rec) in &b.ids {
+            a.add_identifier(key.clone(), rec.clone());
+        }
+        a.first = a.first.min(b.first);
+        a.last = a.last.max(b.last);
+        a.events += b.events;
+        a.orders += b.orders;
+        for (cur, amount) in &b.revenue {
+            let amount = self.decimal.bind(py).call1((amount.as_str(),))?;
+            let held = a.revenue.iter().position(|(c, _)| c == cur);
+            let sum = self.add_money(py, held.map(|i| a.revenue[i].1.as_str()), &amount)?;
+            match held {
+                Some(i) => a.revenue[i].1 = sum,
+                None => a.revenue.push((cur.clone(), sum)),
+            }
+        }
+        for (name, count, last) in &b.channels {
+            bump(&mut a.channels, name, *count, *last);
+        }
+        for (name, count, last) in &b.sources {
+            bump(&mut a.sources, name, *count, *last);
+        }
+        if !b.apart.is_empty() {
+            let before = a.apart.clone();
+            a.apart
+                .extend(b.apart.iter().filter(|pid| !before.contains(pid)).cloned());
+        }
+        a.merged_from.extend(b.merged_from.iter().cloned());
+        a.merged_from.push(b.id.clone());
+        for (k, v) in &b.extra {
+            if !a.extra.iter().any(|(x, _)| x == k) {
+                a.extra.push((k.clone(), v.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    // --- link ---------------------------------------------------------------------------------
+
+    pub fn link(&mut self, py: Python<'_>, ev: &Event) -> PyResult<LinkOut> {
+        self.inc("events", 1)?;
+        self.since_flush += 1;
+        if self.since_flush >= self.flush_every {
+            self.flush(py)?;
+        }
+        // hot path: every identifier known, none generic, all in one live profile
+        let mut first: Option<Pid> = None;
+        let mut best: Option<(usize, usize)> = None; // (rank, index of the anchor)
+        let mut hot = true;
+        for (i, ident) in ev.idents.iter().enumerate() {
+            let pid = self.owner(py, &ident.key)?;
+            let Some(pid) = pid else {
+                hot = false;
+                break;
+            };
+            if self.generic.contains(&ident.key) || first.as_ref().is_some_and(|f| *f != pid) {
+                hot = false;
+                break;
+            }
+            first = Some(pid);
+            let r = self.rules.rank_of(&ident.typ);
+            let better = match best {
+                None => true,
+                Some((br, bi)) => r < br || (r == br && ident.key < ev.idents[bi].key),
+            };
+            if better {
+                best = Some((r, i));
+            }
+        }
+        if hot {
+            if let Some(first) = first {
+                if let Some(p) = self.get_profile(py, &first)? {
+                    let active = p.borrow().is_active();
+                    if active {
+                        {
+                            let mut q = p.borrow_mut();
+                            for ident in &ev.idents {
+                                if let Some(rec) = q.rec_mut(&ident.key) {
+                                    if ev.at > rec.last {
+                                        rec.last = ev.at;
+                                    }
+                                    if ident.verified && !rec.verified {
+                                        rec.verified = true;
+                                        rec.verified_as = None;
+                                    }
+                                } else {
+                                    return Err(PyKeyError::new_err(ident.key.clone()));
+                                }
+                            }
+                            self.record_event(py, &mut q, ev)?;
+                        }
+                        self.touch(&p);
+                        let anchor = best.map(|(_, i)| ev.idents[i].key.clone());
+                        return Ok(LinkOut {
+                            profile_id: Some(first.to_string()),
+                            changes: Vec::new(),
+                            anchor,
+                        });
+                    }
+                }
+            }
+        }
+        // identifiers in priority order, generic values left out
+        let mut order: Vec<usize> = (0..ev.idents.len()).collect();
+        let rank: Vec<usize> = ev
+            .idents
+            .iter()
+            .map(|i| self.rules.rank_of(&i.typ))
+            .collect();
+        order.sort_by(|&x, &y| (rank[x], &ev.idents[x].key).cmp(&(rank[y], &ev.idents[y].key)));
+        for w in order.windows(2) {
+            let (a, b) = (&ev.idents[w[0]], &ev.idents[w[1]]);
+            if rank[w[0]] == rank[w[1]]
+                && a.key == b.key
+                && (a.typ != b.typ || a.verified != b.verified)
+            {
+                // Python's sort then compares the two Identifier objects, which have no order
+                return Err(PyTypeError::new_err(
+                    "'<' not supported between instances of 'Identifier' and 'Identifier'",
+                ));
+            }
+        }
+        let mut keys: Vec<String> = Vec::new();
+        let mut idents: Vec<Ident> = Vec::new();
+        let mut prev: Option<&str> = None;
+        for &i in &order {
+            let ident = &ev.idents[i];
+            if !self.generic.contains(&ident.key) && prev != Some(ident.key.as_str()) {
+                keys.push(ident.key.clone());
+                idents.push(ident.clone());
+            }
+            prev = Some(ident.key.as_str());
+        }
+        if keys.is_empty() {
+            return Ok(LinkOut {
+                profile_id: None,
+                changes: Vec::new(),
+                anchor: None,
+            });
+        }
+        let mut owners = Vec::with_capacity(keys.len());
+        for k in &keys {
+            owners.push(self.owner(py, k)?);
+        }
+        self.link_slow(py, ev, keys, idents, owners)
+    }
+
+    fn track_generic(
+        &mut self,
+        py: Python<'_>,
+        keys: &[String],
+        idents: &[Ident],
+        owners: &[Option<Pid>],
+        new_nb: &mut HashMap<String, Vec<i64>>,
+    ) -> PyResult<Vec<usize>> {
+        let mark = self.rules.generic_active();
+        // (index, code, that type's most distinct neighbours)
+        let strong: Vec<(usize, i64, i64)> = idents
+            .iter()
+            .enumerate()
+            .filter_map(|(j, i)| {
+                self.rules
+                    .generic_max
+                    .get(&i.typ)
+                    .map(|most| (j, neighbour_code(&i.key), *most))
+            })
+            .collect();
+        if strong.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut became = Vec::new();
+        for (xi, ident) in idents.iter().enumerate() {
+            if !contains(&self.rules.generic_types, &ident.typ) {
+                continue;
+            }
+            let ox = owners[xi].clone();
+            let add: Vec<(i64, i64)> = strong
+                .iter()
+                .filter(|(j, _, _)| *j != xi && (ox.is_none() || owners[*j] != ox))
+                .map(|(_, code, most)| (*code, *most))
+                .collect();
+            if add.is_empty() {
+                continue;
+            }
+            let mut index_writes: Vec<i64> = Vec::new();
+            let mut turned = false;
+            let mut check = |nb: &mut Vec<i64>, indexed: bool| {
+                for (code, most) in &add {
+                    if !nb.contains(code) {
+                        nb.push(*code);
+                        if indexed {
+                            index_writes.push(*code);
+                        }
+                    }
+                    let tag = code >> 32;
+                    if mark && nb.iter().filter(|c| *c >> 32 == tag).count() as i64 > *most {
+                        turned = true;
+                        break;
+                    }
+                }
+            };
+            match &ox {
+                None => check(new_nb.entry(keys[xi].clone()).or_default(), false),
+                Some(ox) => {
+                    let Some(p) = self.get_profile(py, ox)? else {
+                        continue;
+                    };
+                    {
+                        let mut q = p.borrow_mut();
+                        let rec = q
+                            .rec_mut(&keys[xi])
+                            .ok_or_else(|| PyKeyError::new_err(keys[xi].clone()))?;
+                        check(rec.nb.get_or_insert_with(Vec::new), true);
+                    }
+                    self.touch(&p);
+                }
+            }
+            for code in index_writes {
+                self.writes
+                    .push((seen_with(code, &keys[xi]), Some(Vec::new())));
+            }
+            if turned {
+                became.push(xi);
+            }
+        }
+        Ok(became)
+    }
+
+    fn record(&mut self, ident: &Ident, ev: &Event, origin: &str, nb: Option<&Vec<i64>>) -> Rec {
+        if let Some(codes) = nb {
+            for code in codes {
+                self.writes
+                    .push((seen_with(*code, &ident.key), Some(Vec::new())));
+            }
+        }
+        Rec {
+            typ: ident.typ.clone(),
+            first: ev.at,
+            last: ev.at,
+            source: ev.source.clone(),
+            verified: ident.verified,
+            verified_as: None,
+            via: ev.id.clone(),
+            origin: origin.to_owned(),
+            nb: nb.cloned(),
+        }
+    }
+
+    fn fresh_id(&mut self, py: Python<'_>, ev_id: &str, at: i64) -> PyResult<String> {
+        let mut failed: Option<PyErr> = None;
+        let pid = derive_profile_id_where(ev_id, at, |pid| match self.get_profile(py, pid) {
+            Ok(p) => p.is_none(),
+            Err(e) => {
+                failed = Some(e);
+                true
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(pid),
+        }
+    }
+
+    fn refresh_apart(&mut self, py: Python<'_>, p: &P) -> PyResult<()> {
+        let apart = p.borrow().apart.clone();
+        if apart.is_empty() {
+            return Ok(());
+        }
+        let mut live: Vec<String> = Vec::new();
+        for pid in &apart {
+            if let Some(q) = self.live(py, pid)? {
+                let q = q.borrow();
+                if q.is_active() && !live.contains(&q.id) {
+                    live.push(q.id.clone());
+                }
+            }
+        }
+        if live != apart {
+            p.borrow_mut().apart = live;
+            self.touch(p);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge(
+        &mut self,
+        py: Python<'_>,
+        changes: &mut Vec<Change>,
+        a: P,
+        b: P,
+        ev_id: &str,
+        at: i64,
+        bridge_a: Vec<String>,
+        bridge_b: Vec<String>,
+    ) -> PyResult<P> {
+        if Rc::ptr_eq(&a, &b) {
+            // only a corrupt state gets here (two index owners whose rows hold one profile)
+            return Err(py_err(format!(
+                "corrupt state: profile {} would merge with itself",
+                a.borrow().id
+            )));
+        }
+        let (a, b, bridge_a, bridge_b) = if b.borrow().id < a.borrow().id {
+            (b, a, bridge_b, bridge_a)
+        } else {
+            (a, b, bridge_a, bridge_b)
+        };
+        let moved = b.borrow().sorted_keys();
+        {
+            let bq = b.borrow();
+            let mut aq = a.borrow_mut();
+            self.absorb(py, &mut aq, &bq)?;
+        }
+        let aid = a.borrow().id.clone();
+        for key in &moved {
+            self.set_owner(key, &aid);
+        }
+        let bid = {
+            let mut bq = b.borrow_mut();
+            bq.status = MERGED.to_owned();
+            bq.merged_into = Some(aid.clone());
+            bq.ids.clear();
+            bq.types.clear();
+            bq.id.clone()
+        };
+        self.touch(&b);
+        self.inc("merges", 1)?;
+        self.inc("profiles_live", -1)?;
+        self.emit(
+            changes,
+            &a,
+            Kind::Merged,
+            ev_id,
+            at,
+            Payload::Merged {
+                merged: bid,
+                moved,
+                bridge: bridge_a,
+                bridge_other: bridge_b,
+            },
+        );
+        Ok(a)
+    }
+
+    fn corroborated(side_a: &[Ident], side_b: &[Ident], prior: &HashMap<String, Vec<i64>>) -> bool {
+        if prior.is_empty() {
+            return false;
+        }
+        for (xs, ys) in [(side_a, side_b), (side_b, side_a)] {
+            for x in xs {
+                if let Some(nb) = prior.get(&x.key) {
+                    if !nb.is_empty() && ys.iter().any(|y| nb.contains(&neighbour_code(&y.key))) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn link_slow(
+        &mut self,
+        py: Python<'_>,
+        ev: &Event,
+        mut keys: Vec<String>,
+        mut idents: Vec<Ident>,
+        mut owners: Vec<Option<Pid>>,
+    ) -> PyResult<LinkOut> {
+        let at = ev.at;
+        let ev_id = ev.id.as_str();
+        let mut changes: Vec<Change> = Vec::new();
+        let mut deferred: Vec<Pending> = Vec::new();
+        let mut new_nb: HashMap<String, Vec<i64>> = HashMap::default();
+
+        // step "evidence": what each known soft value had been seen with before this event
+        let mut seen_with_before: HashMap<String, Vec<i64>> = HashMap::default();
+        if self.rules.corroborate_active() && keys.len() > 1 {
+            for (key, own) in keys.iter().zip(owners.iter()) {
+                if let Some(own) = own {
+                    if let Some(op) = self.get_profile(py, own)? {
+                        if let Some(Some(nb)) = op.borrow().rec(key).map(|r| r.nb.as_ref()) {
+                            if !nb.is_empty() {
+                                seen_with_before.insert(key.clone(), nb.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // step "generic": values seen with too many strong identifiers stop linking, for good
+        if self.rules.tracks_neighbours() && keys.len() > 1 {
+            let became = self.track_generic(py, &keys, &idents, &owners, &mut new_nb)?;
+            if !became.is_empty() {
+                for &xi in &became {
+                    let key = keys[xi].clone();
+                    self.generic.insert(key.clone());
+                    let mut gkey = b"g:".to_vec();
+                    gkey.extend_from_slice(key.as_bytes());
+                    self.writes.push((gkey, Some(b"1".to_vec())));
+                    self.inc("generic", 1)?;
+                    self.refused("generic_value")?;
+                    deferred.push(Pending {
+                        rule: "generic_value".into(),
+                        detail: "value seen with too many distinct strong identifiers".into(),
+                        identifiers: vec![key],
+                        other: owners[xi].as_ref().map(|o| o.to_string()),
+                    });
+                }
+                let keep: Vec<bool> = (0..keys.len()).map(|i| !became.contains(&i)).collect();
+                let mut i = 0;
+                keys.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+                let mut i = 0;
+                idents.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+                let mut i = 0;
+                owners.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+                if keys.is_empty() {
+                    self.flush_deferred(py, &mut changes, deferred, None, ev_id, at)?;
+                    return Ok(LinkOut {
+                        profile_id: None,
+                        changes,
+                        anchor: None,
+                    });
+                }
+            }
+        }
+
+        // step "anchor": the highest-priority identifier decides the event's profile
+        let mut pending: Option<P> = None;
+        let mut target: Option<P> = match &owners[0] {
+            Some(own) => self.get_profile(py, own)?,
+            None => None,
+        };
+        if !target.as_ref().is_some_and(|t| t.borrow().is_active()) {
+            let pid = self.fresh_id(py, ev_id, at)?;
+            let mut fresh = Profile::new(pid.clone(), at);
+            let rec = self.record(&idents[0], ev, &pid, new_nb.get(&keys[0]));
+            fresh.add_identifier(keys[0].clone(), rec);
+            let fresh = Rc::new(RefCell::new(fresh));
+            pending = Some(fresh.clone());
+            target = Some(fresh);
+        }
+        let mut target: P = target.expect("a target exists by now");
+        let mut side_t: Vec<Ident> = vec![idents[0].clone()];
+        let mut handled: HashMap<Pid, Option<usize>> = HashMap::default();
+
+        // step "link": each further identifier in priority order joins, merges or is refused
+        for idx in 1..keys.len() {
+            let key = &keys[idx];
+            let ident = &idents[idx];
+            let own = self.owner(py, key)?;
+            if let Some(pp) = &pending {
+                if pp.borrow().holds(key) {
+                    continue;
+                }
+            }
+            if own.as_deref() == Some(target.borrow().id.as_str()) {
+                side_t.push(ident.clone());
+                continue;
+            }
+            let Some(own) = own else {
+                let refusal = self.rules.check_attach(&target.borrow(), ident, at);
+                if let Some(r) = refusal {
+                    self.refused(&r.rule)?;
+                    deferred.push(Pending {
+                        rule: r.rule,
+                        detail: r.detail,
+                        identifiers: vec![key.clone()],
+                        other: None,
+                    });
+                    continue;
+                }
+                let tid = target.borrow().id.clone();
+                let rec = self.record(ident, ev, &tid, new_nb.get(key));
+                target.borrow_mut().add_identifier(key.clone(), rec);
+                if pending.is_none() {
+                    // a new profile registers its identifiers when it is created
+                    self.set_owner(key, &tid);
+                    let bridge = side_t.iter().map(|i| i.key.clone()).collect();
+                    self.emit(
+                        &mut changes,
+                        &target,
+                        Kind::Attached,
+                        ev_id,
+                        at,
+                        Payload::Attached {
+                            identifier: key.clone(),
+                            bridge,
+                        },
+                    );
+                }
+                side_t.push(ident.clone());
+                continue;
+            };
+            if let Some(prior) = handled.get(&own) {
+                if let Some(i) = prior {
+                    deferred[*i].identifiers.push(key.clone());
+                }
+                continue;
+            }
+            let other = match self.get_profile(py, &own)? {
+                Some(o) if o.borrow().is_active() => o,
+                _ => continue,
+            };
+            let mut side_o: Vec<Ident> = Vec::new();
+            for j in idx..keys.len() {
+                if self.owner(py, &keys[j])?.as_ref() == Some(&own) {
+                    side_o.push(idents[j].clone());
+                }
+            }
+            self.refresh_apart(py, &target)?;
+            self.refresh_apart(py, &other)?;
+            let corroborated =
+                pending.is_some() || Self::corroborated(&side_t, &side_o, &seen_with_before);
+            let refusal = self.rules.check_merge(
+                &target.borrow(),
+                &other.borrow(),
+                &side_t,
+                &side_o,
+                at,
+                corroborated,
+            );
+            if let Some(r) = refusal {
+                self.refused(&r.rule)?;
+                handled.insert(own.clone(), Some(deferred.len()));
+                deferred.push(Pending {
+                    rule: r.rule,
+                    detail: r.detail,
+                    identifiers: vec![key.clone()],
+                    other: Some(other.borrow().id.clone()),
+                });
+                continue;
+            }
+            handled.insert(own.clone(), None);
+            let bridge_t: Vec<String> = side_t.iter().map(|i| i.key.clone()).collect();
+            let bridge_o: Vec<String> = side_o.iter().map(|i| i.key.clone()).collect();
+            if let Some(pp) = pending.take() {
+                // the event's new identifiers join an existing profile: no profile is created
+                let oid = other.borrow().id.clone();
+                let moved: Vec<(String, Rec)> = pp.borrow().ids.clone();
+                for (pkey, mut prec) in moved {
+                    prec.origin = oid.clone();
+                    other.borrow_mut().add_identifier(pkey.clone(), prec);
+                    self.set_owner(&pkey, &oid);
+                    self.emit(
+                        &mut changes,
+                        &other,
+                        Kind::Attached,
+                        ev_id,
+                        at,
+                        Payload::Attached {
+                            identifier: pkey,
+                            bridge: bridge_o.clone(),
+                        },
+                    );
+                }
+                target = other;
+            } else {
+                target = self.merge(
+                    py,
+                    &mut changes,
+                    target,
+                    other,
+                    ev_id,
+                    at,
+                    bridge_t,
+                    bridge_o,
+                )?;
+            }
+            side_t.extend(side_o);
+        }
+
+        if let Some(pp) = pending {
+            // step "create": nothing known joined, the event starts a profile
+            target = pp;
+            let (tid, tkeys) = {
+                let t = target.borrow();
+                (
+                    t.id.clone(),
+                    t.ids.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+                )
+            };
+            self.p_young.insert(tid.clone(), target.clone());
+            for key in &tkeys {
+                self.set_owner(key, &tid);
+            }
+            self.inc("profiles_created", 1)?;
+            self.inc("profiles_live", 1)?;
+            let identifiers = target.borrow().sorted_keys();
+            self.emit(
+                &mut changes,
+                &target,
+                Kind::Created,
+                ev_id,
+                at,
+                Payload::Created {
+                    identifiers,
+                    anchor: keys[0].clone(),
+                },
+            );
+        }
+
+        // step "touch": identifiers of the event now in the target get last seen / verified
+        {
+            let mut t = target.borrow_mut();
+            for (key, ident) in keys.iter().zip(idents.iter()) {
+                if let Some(rec) = t.rec_mut(key) {
+                    if at > rec.last {
+                        rec.last = at;
+                    }
+                    if ident.verified && !rec.verified {
+                        rec.verified = true;
+                        rec.verified_as = None;
+                    }
+                }
+            }
+            self.record_event(py, &mut t, ev)?;
+        }
+        self.touch(&target);
+        if self.rules.shared_active() && keys.len() > 1 {
+            self.track_shared(py, &keys, &idents, &target, &mut deferred)?;
+        }
+        let tid = target.borrow().id.clone();
+        self.flush_deferred(py, &mut changes, deferred, Some(target), ev_id, at)?;
+        Ok(LinkOut {
+            profile_id: Some(tid),
+            changes,
+            anchor: Some(keys[0].clone()),
+        })
+    }
+
+    fn track_shared(
+        &mut self,
+        py: Python<'_>,
+        keys: &[String],
+        idents: &[Ident],
+        target: &P,
+        deferred: &mut Vec<Pending>,
+    ) -> PyResult<()> {
+        let tid = target.borrow().id.clone();
+        let mut person_here = false;
+        for (k, i) in keys.iter().zip(idents.iter()) {
+            if contains(&self.rules.shared_person_types, &i.typ)
+                && self.owner(py, k)?.as_deref() == Some(tid.as_str())
+            {
+                person_here = true;
+                break;
+            }
+        }
+        if !person_here {
+            return Ok(());
+        }
+        let code = people_code(&tid);
+        for (key, ident) in keys.iter().zip(idents.iter()) {
+            if !contains(&self.rules.shared_types, &ident.typ) || self.generic.contains(key) {
+                continue;
+            }
+            let Some(own) = self.owner(py, key)? else {
+                continue;
+            };
+            if *own == *tid {
+                continue;
+            }
+            let Some(other) = self.get_profile(py, &own)? else {
+                continue;
+            };
+            let (people, added, oid) = {
+                let mut o = other.borrow_mut();
+                if !o.is_active() || !o.has_type_in(&self.rules.shared_person_types) {
+                    continue;
+                }
+                let oid = o.id.clone();
+                let Some(rec) = o.rec_mut(key) else { continue };
+                let nb = rec.nb.get_or_insert_with(Vec::new);
+                let added = !nb.contains(&code);
+                if added {
+                    nb.push(code);
+                }
+                (1 + count_people(nb), added, oid)
+            };
+            if added {
+                self.touch(&other);
+            }
+            if people as i64 > self.rules.shared_max_people {
+                self.generic.insert(key.clone());
+                let mut gkey = b"g:".to_vec();
+                gkey.extend_from_slice(key.as_bytes());
+                self.writes.push((gkey, Some(b"s".to_vec())));
+                self.inc("shared", 1)?;
+                self.refused("shared_device")?;
+                deferred.push(Pending {
+                    rule: "shared_device".into(),
+                    detail: format!("weak value seen with person identifiers of {people} profiles"),
+                    identifiers: vec![key.clone()],
+                    other: Some(oid),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_deferred(
+        &mut self,
+        py: Python<'_>,
+        changes: &mut Vec<Change>,
+        deferred: Vec<Pending>,
+        target: Option<P>,
+        ev_id: &str,
+        at: i64,
+    ) -> PyResult<()> {
+        for d in deferred {
+            let mut holder = target.clone();
+            if holder.is_none() {
+                if let Some(other) = &d.other {
+                    holder = self.live(py, other)?;
+                }
+            }
+            let Some(holder) = holder else { continue };
+            if !holder.borrow().is_active() {
+                continue;
+            }
+            let mut identifiers = d.identifiers;
+            identifiers.sort();
+            self.emit(
+                changes,
+                &holder,
+                Kind::Refused,
+                ev_id,
+                at,
+                Payload::Refused {
+                    rule: d.rule,
+                    detail: d.detail,
+                    identifiers,
+                    other: d.other,
+                },
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+//! `omnistitch_native`: the stitching core's link path in Rust, for `streams.core.native.NativeGraph`.
+//!
+//! It reads and writes the same store keys and bytes as `streams.core.graph.IdentityGraph`, so the two can
+//! take turns on one state: the Python graph keeps everything but `link` (erase events, split, explain).
+
+// pyo3 0.22's #[pymethods] expansion trips this newer clippy lint on every method returning PyResult
+#![allow(clippy::useless_conversion)]
+
+/// mimalloc: the graph frees and allocates tens of thousands of small blocks per cache rotation, and glibc's
+/// malloc spent a fifth of the link time consolidating its free lists (perf, 800k events)
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod graph;
+mod ids;
+mod rules;
+mod state;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use graph::{Change, Event, Graph, Kind, Payload};
+use rules::{Ident, Rules};
+use state::ORDER_TYPES;
+
+fn str_set(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    let mut v: Vec<String> = Vec::new();
+    for item in obj.iter()? {
+        v.push(item?.extract()?);
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn rules_of(r: &Bound<'_, PyAny>) -> PyResult<Rules> {
+    let priority: Vec<String> = r.getattr("priority")?.extract()?;
+    let rank: HashMap<String, usize> = priority
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i))
+        .collect();
+    let mut limits = HashMap::default();
+    for (t, limit) in r
+        .getattr("limits")?
+        .call_method0("items")?
+        .iter()?
+        .map(|i| i.and_then(|i| i.extract::<(String, Bound<'_, PyAny>)>()))
+        .collect::<PyResult<Vec<_>>>()?
+    {
+        let max: i64 = limit.getattr("max")?.extract()?;
+        let window: Option<i64> = limit.getattr("window_ms")?.extract()?;
+        limits.insert(t, (max, window));
+    }
+    let generic_max: HashMap<String, i64> = r
+        .getattr("generic_max")?
+        .call_method0("items")?
+        .iter()?
+        .map(|i| i.and_then(|i| i.extract::<(String, i64)>()))
+        .collect::<PyResult<HashMap<_, _>>>()?;
+    Ok(Rules {
+        unranked: rank.len(),
+        rank,
+        protection: r.getattr("protection")?.is_truthy()?,
+        strong: str_set(&r.getattr("strong_types")?)?,
+        unique: str_set(&r.getattr("unique_types")?)?,
+        weak_cannot_bridge: r.getattr("weak_cannot_bridge")?.is_truthy()?,
+        verified_beats_unverified: r.getattr("verified_beats_unverified")?.is_truthy()?,
+        max_identifiers: r.getattr("max_identifiers")?.extract()?,
+        corroborate_soft_bridges: r.getattr("corroborate_soft_bridges")?.is_truthy()?,
+        limits,
+        generic: r.getattr("generic")?.is_truthy()?,
+        generic_types: str_set(&r.getattr("generic_types")?)?,
+        generic_max,
+        shared_devices: r.getattr("shared_devices")?.is_truthy()?,
+        shared_types: str_set(&r.getattr("shared_types")?)?,
+        shared_person_types: str_set(&r.getattr("shared_person_types")?)?,
+        shared_max_people: r.getattr("shared_max_people")?.extract()?,
+    })
+}
+
+/// The native graph; `streams.core.native.NativeGraph` owns one and hands it its Python collaborators.
+#[pyclass(unsendable)]
+struct Engine {
+    g: Graph,
+    link_result: Py<PyAny>,
+    new_tuple: Py<PyAny>,
+    change: Py<PyAny>,
+    kinds: [Py<PyAny>; 4],
+    no_changes: Py<PyTuple>,
+    /// links erase events through the Python graph (a fresh one over the same, flushed store)
+    delegate: Py<PyAny>,
+    /// a Python graph handed out for queries and operator actions: flushed, then the store re-read, before
+    /// the next native link
+    lent: Option<Py<PyAny>>,
+}
+
+impl Engine {
+    fn event(&self, py: Python<'_>, ev: &Bound<'_, PyAny>, typ: &str) -> PyResult<Event> {
+        let mut idents = Vec::new();
+        for item in ev.getattr(pyo3::intern!(py, "identifiers"))?.iter()? {
+            let item = item?;
+            let t: String = item.getattr(pyo3::intern!(py, "type"))?.extract()?;
+            let value: String = item.getattr(pyo3::intern!(py, "value"))?.extract()?;
+            // a bool, as validation makes it (the Python graph would store any truthy value as given)
+            let verified: bool = item.getattr(pyo3::intern!(py, "verified"))?.extract()?;
+            let key = format!("{t}:{value}");
+            idents.push(Ident {
+                typ: t,
+                key,
+                verified,
+            });
+        }
+        let is_order = ORDER_TYPES.contains(&typ);
+        // the order's attributes, read when the event is folded into its profile (as `record_event` does)
+        let attributes = if is_order {
+            Some(ev.getattr(pyo3::intern!(py, "attributes"))?.unbind())
+        } else {
+            None
+        };
+        Ok(Event {
+            id: ev.getattr(pyo3::intern!(py, "event_id"))?.extract()?,
+            source: ev.getattr(pyo3::intern!(py, "source"))?.extract()?,
+            channel: ev.getattr(pyo3::intern!(py, "channel"))?.extract()?,
+            at: ev.getattr(pyo3::intern!(py, "occurred_at_ms"))?.extract()?,
+            idents,
+            is_order,
+            attributes,
+        })
+    }
+
+    fn change_object(&self, py: Python<'_>, c: &Change) -> PyResult<PyObject> {
+        let payload = PyDict::new_bound(py);
+        let strs = |v: &Vec<String>| PyList::new_bound(py, v);
+        match &c.payload {
+            Payload::Created {
+                identifiers,
+                anchor,
+            } => {
+                payload.set_item("identifiers", strs(identifiers))?;
+                payload.set_item("anchor", anchor)?;
+            }
+            Payload::Attached { identifier, bridge } => {
+                payload.set_item("identifier", identifier)?;
+                payload.set_item("bridge", strs(bridge))?;
+            }
+            Payload::Merged {
+                merged,
+                moved,
+                bridge,
+                bridge_other,
+            } => {
+                payload.set_item("merged_profile_id", merged)?;
+                payload.set_item("identifiers_moved", strs(moved))?;
+                payload.set_item("bridge", strs(bridge))?;
+                payload.set_item("bridge_other", strs(bridge_other))?;
+            }
+            Payload::Refused {
+                rule,
+                detail,
+                identifiers,
+                other,
+            } => {
+                payload.set_item("rule", rule)?;
+                payload.set_item("detail", detail)?;
+                payload.set_item("identifiers", strs(identifiers))?;
+                payload.set_item("other_profile_id", other)?;
+            }
+        }
+        let kind = match c.kind {
+            Kind::Created => &self.kinds[0],
+            Kind::Attached => &self.kinds[1],
+            Kind::Merged => &self.kinds[2],
+            Kind::Refused => &self.kinds[3],
+        };
+        Ok(self
+            .change
+            .bind(py)
+            .call1((kind, &c.profile_id, c.seq, &c.event_id, c.at, payload))?
+            .unbind())
+    }
+
+    fn take_back(&mut self, py: Python<'_>) -> PyResult<()> {
+        if let Some(graph) = &self.lent {
+            graph.bind(py).call_method0("flush")?; // on failure it stays lent, and is flushed again next time
+            self.lent = None;
+            self.g.load(py)?;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (store, rules, link_result, change, kinds, delegate, cache_profiles, cold_profiles, cache_identifiers, flush_every, history))]
+    fn new(
+        py: Python<'_>,
+        store: Py<PyAny>,
+        rules: &Bound<'_, PyAny>,
+        link_result: Py<PyAny>,
+        change: Py<PyAny>,
+        kinds: (Py<PyAny>, Py<PyAny>, Py<PyAny>, Py<PyAny>),
+        delegate: Py<PyAny>,
+        cache_profiles: usize,
+        cold_profiles: usize,
+        cache_identifiers: usize,
+        flush_every: i64,
+        history: bool,
+    ) -> PyResult<Self> {
+        let g = Graph::new(
+            py,
+            store,
+            rules_of(rules)?,
+            cache_profiles,
+            cold_profiles,
+            cache_identifiers,
+            flush_every,
+            history,
+        )?;
+        Ok(Engine {
+            g,
+            link_result,
+            new_tuple: py
+                .import_bound("builtins")?
+                .getattr("tuple")?
+                .getattr("__new__")?
+                .unbind(),
+            change,
+            kinds: [kinds.0, kinds.1, kinds.2, kinds.3],
+            no_changes: PyTuple::empty_bound(py).unbind(),
+            delegate,
+            lent: None,
+        })
+    }
+
+    /// Stitch one event; returns the same `LinkResult` as `IdentityGraph.link`.
+    fn link(&mut self, py: Python<'_>, ev: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        self.take_back(py)?;
+        let typ: String = ev.getattr(pyo3::intern!(py, "type"))?.extract()?;
+        if typ == "erase" {
+            self.g.flush(py)?;
+            self.g.forget();
+            let result = self.delegate.bind(py).call1((ev,));
+            self.g.load(py)?;
+            return Ok(result?.unbind());
+        }
+        let event = self.event(py, ev, &typ)?;
+        let out = self.g.link(py, &event)?;
+        let changes: Bound<'_, PyTuple> = if out.changes.is_empty() {
+            self.no_changes.bind(py).clone()
+        } else {
+            let objs = out
+                .changes
+                .iter()
+                .map(|c| self.change_object(py, c))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyTuple::new_bound(py, objs)
+        };
+        // `tuple.__new__(LinkResult, ...)`: the namedtuple's own `__new__` is a Python function (a frame per event)
+        let fields = PyTuple::new_bound(
+            py,
+            [
+                out.profile_id.into_py(py),
+                changes.into_py(py),
+                out.anchor.into_py(py),
+            ],
+        );
+        Ok(self
+            .new_tuple
+            .bind(py)
+            .call1((self.link_result.bind(py), fields))?
+            .unbind())
+    }
+
+    /// Write everything buffered (the lent Python graph's too) to the store.
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        match &self.lent {
+            Some(graph) => graph.bind(py).call_method0("flush").map(|_| ()),
+            None => self.g.flush(py),
+        }
+    }
+
+    /// Flush, then lend a Python graph over the same store (made by `factory`) until the next link.
+    fn lend(&mut self, py: Python<'_>, factory: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        self.take_back(py)?;
+        self.g.flush(py)?;
+        self.g.forget();
+        let graph = factory.call0()?.unbind();
+        self.lent = Some(graph.clone_ref(py));
+        Ok(graph)
+    }
+
+    /// The counters, as `IdentityGraph.stats` holds them (a copy).
+    fn stats(&self, py: Python<'_>) -> PyResult<PyObject> {
+        if let Some(graph) = &self.lent {
+            let copy = py.import_bound("copy")?;
+            return Ok(copy
+                .call_method1("deepcopy", (graph.bind(py).getattr("stats")?,))?
+                .unbind());
+        }
+        let json = py.import_bound("json")?;
+        let text = serde_json::to_string(&self.g.stats)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        Ok(json.call_method1("loads", (text,))?.unbind())
+    }
+}
+
+#[pymodule]
+fn omnistitch_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    Ok(())
+}
