@@ -2,19 +2,18 @@
 //!
 //! Profiles are shared `Rc<RefCell<_>>`, as the Python code shares profile objects between the cache, the
 //! dirty set and the link step's locals; identifier records are copied where Python moves a shared list
-//! (pending → other, absorb), which behaves the same because the source is dropped. Everything but `link` (erase events,
-//! split, explain, lookups) stays in Python, which reads and writes the same store.
+//! (pending → other, absorb), which behaves the same because the source is dropped. Everything but `link`
+//! (erase events, split, explain, lookups) stays in Python, which reads and writes the same store.
 
 use std::cell::RefCell;
 use std::hash::BuildHasherDefault;
-
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use std::rc::Rc;
 
 use indexmap::IndexMap;
 use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use serde_json::{Map, Value};
 
 use crate::ids::{count_people, derive_profile_id_where, neighbour_code, people_code};

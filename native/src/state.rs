@@ -35,7 +35,7 @@ pub struct Profile {
     pub last: i64,
     pub events: i64,
     pub orders: i64,
-    /// currency → `str(Decimal)`; sums are done by Python's decimal module (exact parity)
+    /// currency → `str(Decimal)`: sums are done by Python's decimal module, stored strings read through it
     pub revenue: Vec<(String, String)>,
     pub channels: Vec<(String, i64, i64)>,
     pub sources: Vec<(String, i64, i64)>,
