@@ -69,10 +69,12 @@ schemas: setup ## regenerate schemas/json and schemas/asyncapi.yaml from the pyd
 bench: setup ## benchmarks: print figures (see BENCHMARKS.md)
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
-lint: setup ## ruff + mypy (strict on streams/ and schemas/)
+lint: setup ## ruff + mypy (strict on streams/ and schemas/); rustfmt + clippy on native/ where cargo is
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	@if command -v cargo >/dev/null; then \
+		cd native && cargo fmt --check && cargo clippy --release --quiet -- -D warnings; fi
 
 format: setup ## apply ruff's formatting and autofixes
 	$(VENV)/bin/ruff format .
