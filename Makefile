@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
-# the native link engine (Rust, native/): built where cargo is; without it the core runs in Python alone
+# the native link engine (Rust, native/): built where cargo >= 1.85 is; without it the core runs in Python alone
 $(NATIVE_STAMP): $(NATIVE_SOURCES) | $(STAMP)
-	@if command -v cargo >/dev/null; then \
+	@if $(PY) tests/native_toolchain.py; then \
 		echo "building the native engine (native/, cargo)"; $(PY) -m pip install -q ./native && touch $@; \
-	else echo "cargo not found: the native engine is not built; the core runs in Python (native/README.md)"; fi
+	else echo "no cargo >= 1.85: the native engine is not built; the core runs in Python (native/README.md)"; fi
 
 deploy/kafka/.classpath: deploy/kafka/pom.xml | $(PY)
 	$(KAFKA) classpath
@@ -73,12 +73,13 @@ lint: setup ## ruff + mypy (strict on streams/ and schemas/); rustfmt + clippy o
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	@if command -v cargo >/dev/null; then \
-		cd native && cargo fmt --check && cargo clippy --release --quiet -- -D warnings; fi
+	@if $(PY) tests/native_toolchain.py && cargo clippy --version >/dev/null 2>&1; then \
+		cd native && cargo fmt --check && cargo clippy --release --quiet -- -D warnings; \
+	else echo "native/ not linted: needs cargo >= 1.85 with rustfmt and clippy"; fi
 
 format: setup ## apply ruff's formatting and autofixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-clean: kafka-down ## stop the broker, remove local state
-	rm -rf $(RUN_DIR) .state
+clean: kafka-down ## stop the broker, remove local state and the native engine's build directory
+	rm -rf $(RUN_DIR) .state native/target

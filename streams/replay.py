@@ -215,7 +215,7 @@ def replay(
     """Validate (in parallel when it pays), stitch in input order, write each valid event's final profile.
 
     `engine`: "native" links with the Rust engine, "python" with `IdentityGraph`, "auto" (default) with the
-    native one when it is built. Both write the same state and assignments, byte for byte.
+    native one when it is built. Both write the same assignments and the same keys and values in the state.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r} (one of: {', '.join(ENGINES)})")

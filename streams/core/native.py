@@ -109,7 +109,8 @@ class NativeGraph:
     def python(self) -> IdentityGraph:
         """A Python graph over the same store, for lookups, explain, split and erase.
 
-        Its buffered changes are flushed, and the store re-read, before the next native link.
+        Its buffered changes are flushed, and the store re-read, before the next native link. It is valid
+        only until then: it does not see what later links change (call `python()` again after linking).
         """
         graph: IdentityGraph = self._engine.lend(self._python_graph)
         return graph
