@@ -4,7 +4,8 @@ The native engine is a port of the link path only: `graph.py` stays the referenc
 else (erase events, split, erase, explain, lookups). Both read and write the same keys and values, so they
 take turns on one state: an erase event is linked by a Python graph over the flushed store, and `python()`
 lends one for queries and operator actions. `tests/unit/test_native.py` holds the two to identical results
-and identical stored bytes. Built by `make setup` where `cargo` is installed (native/README.md).
+and identical stored keys and values. Built by `make setup` where cargo >= 1.85 is installed
+(native/README.md).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def _link_in_python(store: Store, rules: Rules, history: bool, ev: NormalizedEve
 
 
 def native_available() -> bool:
-    """Whether the compiled engine imports (`make setup` builds it when cargo is on PATH)."""
+    """Whether the compiled engine imports (`make setup` builds it where cargo >= 1.85 is on PATH)."""
     return Engine is not None
 
 
 class NativeGraph:
-    """`IdentityGraph`'s link path in Rust: same results, same stored bytes, less time (BENCHMARKS.md).
+    """`IdentityGraph`'s link path in Rust: same results, same stored keys and values, less time.
 
     The caches have the Python graph's shape: `cache_profiles` decoded profiles (Rust structs, a smaller
     default), below them `cold_profiles` packed ones (varints and strings, about 300 bytes, decoded in well
