@@ -81,53 +81,68 @@ pub enum Payload {
     },
 }
 
+/// One payload value, as both the stored history entry and the `LinkResult`'s dict hold it.
+pub enum Field<'a> {
+    Str(&'a str),
+    Strs(&'a [String]),
+    OptStr(Option<&'a str>),
+}
+
 impl Payload {
-    fn write_json(&self, o: &mut Vec<u8>) {
+    /// (key, value) in the key order the Python graph builds its dict: the one list both outputs follow.
+    pub fn fields(&self) -> Vec<(&'static str, Field<'_>)> {
         match self {
             Payload::Created {
                 identifiers,
                 anchor,
             } => {
-                o.extend_from_slice(b"\"identifiers\":");
-                put_strs(o, identifiers);
-                o.extend_from_slice(b",\"anchor\":");
-                put_str(o, anchor);
+                vec![
+                    ("identifiers", Field::Strs(identifiers)),
+                    ("anchor", Field::Str(anchor)),
+                ]
             }
             Payload::Attached { identifier, bridge } => {
-                o.extend_from_slice(b"\"identifier\":");
-                put_str(o, identifier);
-                o.extend_from_slice(b",\"bridge\":");
-                put_strs(o, bridge);
+                vec![
+                    ("identifier", Field::Str(identifier)),
+                    ("bridge", Field::Strs(bridge)),
+                ]
             }
             Payload::Merged {
                 merged,
                 moved,
                 bridge,
                 bridge_other,
-            } => {
-                o.extend_from_slice(b"\"merged_profile_id\":");
-                put_str(o, merged);
-                o.extend_from_slice(b",\"identifiers_moved\":");
-                put_strs(o, moved);
-                o.extend_from_slice(b",\"bridge\":");
-                put_strs(o, bridge);
-                o.extend_from_slice(b",\"bridge_other\":");
-                put_strs(o, bridge_other);
-            }
+            } => vec![
+                ("merged_profile_id", Field::Str(merged)),
+                ("identifiers_moved", Field::Strs(moved)),
+                ("bridge", Field::Strs(bridge)),
+                ("bridge_other", Field::Strs(bridge_other)),
+            ],
             Payload::Refused {
                 rule,
                 detail,
                 identifiers,
                 other,
-            } => {
-                o.extend_from_slice(b"\"rule\":");
-                put_str(o, rule);
-                o.extend_from_slice(b",\"detail\":");
-                put_str(o, detail);
-                o.extend_from_slice(b",\"identifiers\":");
-                put_strs(o, identifiers);
-                o.extend_from_slice(b",\"other_profile_id\":");
-                put_opt_str(o, other.as_deref());
+            } => vec![
+                ("rule", Field::Str(rule)),
+                ("detail", Field::Str(detail)),
+                ("identifiers", Field::Strs(identifiers)),
+                ("other_profile_id", Field::OptStr(other.as_deref())),
+            ],
+        }
+    }
+
+    fn write_json(&self, o: &mut Vec<u8>) {
+        for (i, (key, value)) in self.fields().into_iter().enumerate() {
+            if i > 0 {
+                o.push(b',');
+            }
+            put_str(o, key);
+            o.push(b':');
+            match value {
+                Field::Str(s) => put_str(o, s),
+                Field::Strs(v) => put_strs(o, v),
+                Field::OptStr(s) => put_opt_str(o, s),
             }
         }
     }

@@ -21,7 +21,7 @@ use rustc_hash::FxHashMap as HashMap;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
-use graph::{Change, Event, Graph, Kind, Payload};
+use graph::{Change, Event, Field, Graph, Kind};
 use rules::{Ident, Rules};
 use state::ORDER_TYPES;
 
@@ -132,40 +132,11 @@ impl Engine {
 
     fn change_object(&self, py: Python<'_>, c: &Change) -> PyResult<PyObject> {
         let payload = PyDict::new_bound(py);
-        let strs = |v: &Vec<String>| PyList::new_bound(py, v);
-        match &c.payload {
-            Payload::Created {
-                identifiers,
-                anchor,
-            } => {
-                payload.set_item("identifiers", strs(identifiers))?;
-                payload.set_item("anchor", anchor)?;
-            }
-            Payload::Attached { identifier, bridge } => {
-                payload.set_item("identifier", identifier)?;
-                payload.set_item("bridge", strs(bridge))?;
-            }
-            Payload::Merged {
-                merged,
-                moved,
-                bridge,
-                bridge_other,
-            } => {
-                payload.set_item("merged_profile_id", merged)?;
-                payload.set_item("identifiers_moved", strs(moved))?;
-                payload.set_item("bridge", strs(bridge))?;
-                payload.set_item("bridge_other", strs(bridge_other))?;
-            }
-            Payload::Refused {
-                rule,
-                detail,
-                identifiers,
-                other,
-            } => {
-                payload.set_item("rule", rule)?;
-                payload.set_item("detail", detail)?;
-                payload.set_item("identifiers", strs(identifiers))?;
-                payload.set_item("other_profile_id", other)?;
+        for (key, value) in c.payload.fields() {
+            match value {
+                Field::Str(v) => payload.set_item(key, v)?,
+                Field::Strs(v) => payload.set_item(key, PyList::new_bound(py, v))?,
+                Field::OptStr(v) => payload.set_item(key, v)?,
             }
         }
         let kind = match c.kind {

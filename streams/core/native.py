@@ -27,9 +27,9 @@ except ImportError:  # not built: no Rust toolchain where it was installed
 __all__ = ["NativeGraph", "native_available"]
 
 
-def _link_in_python(store: Store, rules: Rules, history: bool, ev: NormalizedEvent) -> LinkResult:
+def _link_in_python(python_graph: Callable[[], IdentityGraph], ev: NormalizedEvent) -> LinkResult:
     """An erase event: linked by a Python graph over the flushed store (the engine re-reads it after)."""
-    graph = IdentityGraph(store, rules, history=history)
+    graph = python_graph()
     result = graph.link(ev)
     graph.flush()
     return result
@@ -73,15 +73,16 @@ class NativeGraph:
         self.cache_identifiers = max(cache_identifiers, 1)
         self.flush_every = max(flush_every, 1)
         self.rules = rules if rules is not None else Rules()
-        self._history = history
+        # a Python graph over the same store: for erase events and `python()`; a partial, not a bound method,
+        # so the engine holding it makes no cycle through this object (which the collector cannot see)
+        self._python_graph = functools.partial(IdentityGraph, self.store, self.rules, history=history)
         self._engine = Engine(
             self.store,
             self.rules,
             LinkResult,
             IdentityChange,
             (ChangeKind.CREATED, ChangeKind.ATTACHED, ChangeKind.MERGED, ChangeKind.REFUSED),
-            # not a bound method: the engine holding its owner would be a cycle the collector cannot see
-            functools.partial(_link_in_python, self.store, self.rules, history),
+            functools.partial(_link_in_python, self._python_graph),
             self.cache_profiles,
             self.cold_profiles,
             self.cache_identifiers,
@@ -90,9 +91,6 @@ class NativeGraph:
         )
         # the engine's own method: no Python frame per event
         self.link: Callable[[NormalizedEvent], LinkResult] = self._engine.link
-
-    def _python_graph(self) -> IdentityGraph:
-        return IdentityGraph(self.store, self.rules, history=self._history)
 
     def link_many(self, events: Iterable[NormalizedEvent]) -> Iterator[LinkResult]:
         """Link events in order, flushing at the end."""
