@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         core_seconds += time.perf_counter() - t
         identifiers = sum(1 for _ in graph.store.iter_prefix(b"i:"))
         stats = dict(graph.stats)
+        caches = graph.cache_sizes() if isinstance(graph, NativeGraph) else None
         rss_core = _rss_mb()
         graph.close()
         db_bytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         "rss_note": f"ru_maxrss of the whole process; events generated lazily, {CHUNK} held at a time",
         "rocksdb_bytes": db_bytes,
+        "native_caches": caches,
         "profiles_live": stats["profiles_live"],
         "merges": stats["merges"],
         "refusals": stats["refusals"],

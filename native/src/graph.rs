@@ -16,6 +16,7 @@ use pyo3::types::{PyBytes, PyList};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use serde_json::{Map, Value};
 
+use crate::cache::{entry, Keyed, Symbols};
 use crate::ids::{count_people, derive_profile_id_where, neighbour_code, people_code};
 use crate::rules::{contains, Ident, Rules};
 use crate::state::{bump, put_int, put_opt_str, put_str, put_strs, Profile, Rec, MERGED};
@@ -196,11 +197,16 @@ pub struct Graph {
     p_young: HashMap<String, P>,
     p_old: HashMap<String, P>,
     /// profiles as `Profile::pack` bytes under the decoded ones: a hot-cache miss is a short decode
-    b_young: HashMap<Box<str>, Box<[u8]>>,
-    b_old: HashMap<Box<str>, Box<[u8]>>,
-    i_young: HashMap<String, Pid>,
-    i_old: HashMap<String, Pid>,
+    b_young: Keyed,
+    b_old: Keyed,
+    /// identifier → owning profile id ("" = known to have none)
+    i_young: Keyed,
+    i_old: Keyed,
+    syms: Symbols,
     dirty_p: IndexMap<String, P, Fx>,
+    /// dirty profiles that left the decoded caches before the flush, as the rows the flush will write: a
+    /// batch of many events holds their bytes, not their decoded structs (about 4× the size)
+    spilled: IndexMap<String, Vec<u8>, Fx>,
     dirty_i: IndexMap<String, Option<Pid>, Fx>,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     since_flush: i64,
@@ -208,7 +214,6 @@ pub struct Graph {
     p_complete: bool,
     generic: HashSet<String>,
     pub stats: Map<String, Value>,
-    empty: Pid,
 }
 
 fn seen_with(code: i64, key: &str) -> Vec<u8> {
@@ -244,11 +249,13 @@ impl Graph {
             history,
             p_young: HashMap::default(),
             p_old: HashMap::default(),
-            b_young: HashMap::default(),
-            b_old: HashMap::default(),
-            i_young: HashMap::default(),
-            i_old: HashMap::default(),
+            b_young: Keyed::default(),
+            b_old: Keyed::default(),
+            i_young: Keyed::default(),
+            i_old: Keyed::default(),
+            syms: Symbols::default(),
             dirty_p: IndexMap::default(),
+            spilled: IndexMap::default(),
             dirty_i: IndexMap::default(),
             writes: Vec::new(),
             since_flush: 0,
@@ -256,7 +263,6 @@ impl Graph {
             p_complete: false,
             generic: HashSet::default(),
             stats: Map::new(),
-            empty: Rc::from(""),
         };
         g.load(py)?;
         Ok(g)
@@ -324,6 +330,21 @@ impl Graph {
         Ok(())
     }
 
+    /// What the caches hold: (name, count) pairs for `Engine.cache_sizes`.
+    pub fn cache_sizes(&self) -> [(&'static str, usize); 6] {
+        [
+            ("decoded_profiles", self.p_young.len() + self.p_old.len()),
+            ("packed_profiles", self.b_young.len() + self.b_old.len()),
+            (
+                "packed_profile_bytes",
+                self.b_young.bytes() + self.b_old.bytes(),
+            ),
+            ("owners", self.i_young.len() + self.i_old.len()),
+            ("owner_bytes", self.i_young.bytes() + self.i_old.bytes()),
+            ("symbols", self.syms.len()),
+        ]
+    }
+
     /// Drop every cached profile and owner (the store is about to change under us).
     pub fn forget(&mut self) {
         self.p_young.clear();
@@ -381,21 +402,27 @@ impl Graph {
             return Ok(Some(p));
         }
         let profile = match self.b_young.get(pid) {
-            Some(packed) => Profile::unpack(packed),
-            None => match self.b_old.remove_entry(pid) {
-                Some((k, packed)) => {
-                    let profile = Profile::unpack(&packed);
-                    self.b_young.insert(k, packed);
+            Some(packed) => Profile::unpack(packed, &self.syms),
+            None => match self.b_old.take(pid) {
+                Some(packed) => {
+                    let profile = Profile::unpack(&packed, &self.syms);
+                    self.b_young.put(packed);
                     profile
                 }
                 None => {
-                    if self.p_complete {
-                        return Ok(None);
-                    }
-                    let mut key = b"p:".to_vec();
-                    key.extend_from_slice(pid.as_bytes());
-                    let Some(raw) = self.store_get(py, &key)? else {
-                        return Ok(None);
+                    let raw = match self.spilled.get(pid) {
+                        Some(row) => row.clone(),
+                        None => {
+                            if self.p_complete {
+                                return Ok(None);
+                            }
+                            let mut key = b"p:".to_vec();
+                            key.extend_from_slice(pid.as_bytes());
+                            let Some(raw) = self.store_get(py, &key)? else {
+                                return Ok(None);
+                            };
+                            raw
+                        }
                     };
                     let mut profile = Profile::decode(&raw).map_err(py_err)?;
                     // `ProfileState.decode` reads revenue with Decimal(...) and `encode` writes str(...): a
@@ -409,7 +436,7 @@ impl Graph {
                             .extract()?;
                     }
                     if self.cold_profiles > 0 {
-                        self.b_young.insert(Box::from(pid), profile.pack());
+                        self.b_young.put(profile.pack(&mut self.syms));
                     }
                     profile
                 }
@@ -442,37 +469,54 @@ impl Graph {
     }
 
     fn owner(&mut self, py: Python<'_>, key: &str) -> PyResult<Option<Pid>> {
-        let pid = match self.i_young.get(key) {
-            Some(pid) => pid.clone(),
-            None => {
-                let pid = match self.i_old.remove(key) {
-                    Some(pid) => pid,
-                    None => {
-                        if self.i_complete {
-                            self.empty.clone()
-                        } else {
-                            let mut k = b"i:".to_vec();
-                            k.extend_from_slice(key.as_bytes());
-                            match self.store_get(py, &k)? {
-                                None => self.empty.clone(),
-                                Some(raw) => Rc::from(
-                                    String::from_utf8(raw).map_err(|e| py_err(e.to_string()))?,
-                                ),
-                            }
-                        }
-                    }
-                };
-                self.i_young.insert(key.to_owned(), pid.clone());
-                pid
-            }
+        if let Some(pid) = self.i_young.value(key) {
+            return Ok(Self::pid_of(pid));
+        }
+        if let Some(e) = self.i_old.take(key) {
+            self.i_young.put(e);
+            return Ok(Self::pid_of(self.i_young.value(key).expect("just put")));
+        }
+        let pid = if self.i_complete {
+            Vec::new()
+        } else {
+            let mut k = b"i:".to_vec();
+            k.extend_from_slice(key.as_bytes());
+            let raw = self.store_get(py, &k)?.unwrap_or_default();
+            String::from_utf8(raw)
+                .map_err(|e| py_err(e.to_string()))?
+                .into_bytes()
         };
-        Ok(if pid.is_empty() { None } else { Some(pid) })
+        self.i_young.put(entry(key, &pid));
+        Ok(Self::pid_of(&pid))
+    }
+
+    fn pid_of(value: &[u8]) -> Option<Pid> {
+        (!value.is_empty()).then(|| Rc::from(std::str::from_utf8(value).expect("cached as UTF-8")))
     }
 
     fn set_owner(&mut self, key: &str, pid: &str) {
-        let pid: Pid = Rc::from(pid);
-        self.i_young.insert(key.to_owned(), pid.clone());
-        self.dirty_i.insert(key.to_owned(), Some(pid));
+        self.i_young.put(entry(key, pid.as_bytes()));
+        self.dirty_i.insert(key.to_owned(), Some(Rc::from(pid)));
+    }
+
+    /// Past `cache_profiles` decoded profiles, drop the older generation. A dirty profile in it is encoded
+    /// now (its row waits in `spilled` for the flush) and packed, so the decoded caches stay within twice
+    /// their size however many events a batch holds.
+    fn rotate_profiles(&mut self) {
+        let dropped = std::mem::replace(&mut self.p_old, std::mem::take(&mut self.p_young));
+        for (pid, _) in dropped {
+            if self.p_old.contains_key(&pid) {
+                continue;
+            }
+            if let Some(p) = self.dirty_p.swap_remove(&pid) {
+                let q = p.borrow();
+                if self.cold_profiles > 0 {
+                    self.b_old.take(&pid);
+                    self.b_young.put(q.pack(&mut self.syms));
+                }
+                self.spilled.insert(pid, q.encode());
+            }
+        }
     }
 
     fn touch(&mut self, p: &P) {
@@ -489,6 +533,14 @@ impl Graph {
     pub fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
         let items = PyList::empty_bound(py);
         let keep = self.cold_profiles > 0;
+        for (pid, row) in &self.spilled {
+            if self.dirty_p.contains_key(pid) {
+                continue; // touched again since: written below as it is now
+            }
+            let mut key = b"p:".to_vec();
+            key.extend_from_slice(pid.as_bytes());
+            items.append((PyBytes::new_bound(py, &key), PyBytes::new_bound(py, row)))?;
+        }
         for (pid, p) in &self.dirty_p {
             let mut key = b"p:".to_vec();
             key.extend_from_slice(pid.as_bytes());
@@ -498,8 +550,8 @@ impl Graph {
                 PyBytes::new_bound(py, &p.encode()),
             ))?;
             if keep {
-                self.b_old.remove(pid.as_str());
-                self.b_young.insert(Box::from(pid.as_str()), p.pack());
+                self.b_old.take(pid);
+                self.b_young.put(p.pack(&mut self.syms));
             }
         }
         for (ident, owner) in &self.dirty_i {
@@ -519,11 +571,12 @@ impl Graph {
         ))?;
         self.store.bind(py).call_method1("write_batch", (items,))?;
         self.dirty_p.clear();
+        self.spilled.clear();
         self.dirty_i.clear();
         self.writes.clear();
         self.since_flush = 0;
         if self.p_young.len() > self.cache_profiles {
-            self.p_old = std::mem::take(&mut self.p_young);
+            self.rotate_profiles();
         }
         if self.b_young.len() > self.cold_profiles {
             self.p_complete = self.p_complete && self.b_old.is_empty();
@@ -691,6 +744,8 @@ impl Graph {
         self.since_flush += 1;
         if self.since_flush >= self.flush_every {
             self.flush(py)?;
+        } else if self.p_young.len() > self.cache_profiles {
+            self.rotate_profiles();
         }
         // hot path: every identifier known, none generic, all in one live profile
         let mut first: Option<Pid> = None;

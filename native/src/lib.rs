@@ -11,6 +11,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod cache;
 mod graph;
 mod ids;
 mod rules;
@@ -262,6 +263,15 @@ impl Engine {
         let graph = factory.call0()?.unbind();
         self.lent = Some(graph.clone_ref(py));
         Ok(graph)
+    }
+
+    /// Entries (and entry bytes) in the engine's caches: what its memory grows with.
+    fn cache_sizes(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let out = PyDict::new_bound(py);
+        for (name, n) in self.g.cache_sizes() {
+            out.set_item(name, n)?;
+        }
+        Ok(out.into_any().unbind())
     }
 
     /// The counters, as `IdentityGraph.stats` holds them (a copy).

@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::cache::Symbols;
+
 pub const ACTIVE: &str = "active";
 pub const MERGED: &str = "merged";
 
@@ -494,17 +496,20 @@ pub fn put_strs(o: &mut Vec<u8>, ss: &[String]) {
     o.push(b']');
 }
 
-// --- the cold cache's packed form: varints and length-prefixed strings, a few hundred bytes a profile ------
+// --- the cold cache's packed form: varints, symbols and length-prefixed strings, ~200 bytes a profile ------
 
-struct Packer(Vec<u8>);
+struct Packer<'a> {
+    out: Vec<u8>,
+    syms: &'a mut Symbols,
+}
 
-impl Packer {
+impl Packer<'_> {
     fn uint(&mut self, mut n: u64) {
         while n >= 0x80 {
-            self.0.push((n as u8) | 0x80);
+            self.out.push((n as u8) | 0x80);
             n >>= 7;
         }
-        self.0.push(n as u8);
+        self.out.push(n as u8);
     }
 
     fn int(&mut self, n: i64) {
@@ -513,7 +518,18 @@ impl Packer {
 
     fn str(&mut self, s: &str) {
         self.uint(s.len() as u64);
-        self.0.extend_from_slice(s.as_bytes());
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    /// A recurring name: its symbol + 1, or 0 and the text once the symbol table is full.
+    fn sym(&mut self, s: &str) {
+        match self.syms.code(s) {
+            Some(c) => self.uint(u64::from(c) + 1),
+            None => {
+                self.uint(0);
+                self.str(s);
+            }
+        }
     }
 
     fn opt_str(&mut self, s: Option<&str>) {
@@ -521,7 +537,7 @@ impl Packer {
             None => self.uint(0),
             Some(s) => {
                 self.uint(s.len() as u64 + 1);
-                self.0.extend_from_slice(s.as_bytes());
+                self.out.extend_from_slice(s.as_bytes());
             }
         }
     }
@@ -533,12 +549,12 @@ impl Packer {
         }
     }
 
-    fn slots(&mut self, slots: &[(String, i64, i64)]) {
+    fn slots(&mut self, slots: &[(String, i64, i64)], base: i64) {
         self.uint(slots.len() as u64);
         for (name, count, at) in slots {
-            self.str(name);
+            self.sym(name);
             self.int(*count);
-            self.int(*at);
+            self.int(at.wrapping_sub(base));
         }
     }
 }
@@ -546,6 +562,7 @@ impl Packer {
 struct Unpacker<'a> {
     raw: &'a [u8],
     at: usize,
+    syms: &'a Symbols,
 }
 
 impl Unpacker<'_> {
@@ -579,6 +596,13 @@ impl Unpacker<'_> {
         String::from_utf8(self.bytes(len).to_vec()).expect("packed by `pack`")
     }
 
+    fn sym(&mut self) -> String {
+        match self.uint() {
+            0 => self.str(),
+            c => self.syms.name((c - 1) as u32).to_owned(),
+        }
+    }
+
     fn opt_str(&mut self) -> Option<String> {
         match self.uint() as usize {
             0 => None,
@@ -591,64 +615,87 @@ impl Unpacker<'_> {
         (0..n).map(|_| self.str()).collect()
     }
 
-    fn slots(&mut self) -> Vec<(String, i64, i64)> {
+    fn slots(&mut self, base: i64) -> Vec<(String, i64, i64)> {
         let n = self.uint() as usize;
         (0..n)
-            .map(|_| (self.str(), self.int(), self.int()))
+            .map(|_| (self.sym(), self.int(), base.wrapping_add(self.int())))
             .collect()
     }
 }
 
+/// Record flags in the packed form: what a record leaves out because the profile implies it.
+const TYPE_IN_KEY: u8 = 1;
+const ORIGIN_IS_PROFILE: u8 = 2;
+const VERIFIED: u8 = 4;
+const VERIFIED_AS_INT: u8 = 8;
+const HAS_NEIGHBOURS: u8 = 16;
+
 impl Profile {
-    /// Compact bytes for the graph's cold cache (not stored: the store keeps `encode`'s JSON).
-    pub fn pack(&self) -> Box<[u8]> {
-        let mut w = Packer(Vec::with_capacity(96 + 96 * self.ids.len()));
+    /// Compact bytes for the graph's cold cache (not stored: the store keeps `encode`'s JSON). The profile id
+    /// comes first (the cache's key). Recurring names are symbols, times are deltas from the profile's
+    /// creation, and a record's type and origin are left out when its key and profile already say them.
+    pub fn pack(&self, syms: &mut Symbols) -> Box<[u8]> {
+        let mut w = Packer {
+            out: Vec::with_capacity(64 + 48 * self.ids.len()),
+            syms,
+        };
         w.str(&self.id);
-        w.str(&self.status);
+        w.sym(&self.status);
         w.int(self.seq);
         if !self.is_active() {
             w.opt_str(self.merged_into.as_deref());
-            return w.0.into_boxed_slice();
+            return w.out.into_boxed_slice();
         }
-        for n in [
-            self.created,
-            self.first,
-            self.last,
-            self.events,
-            self.orders,
-        ] {
-            w.int(n);
-        }
+        let base = self.created;
+        w.int(base);
+        w.int(self.first.wrapping_sub(base));
+        w.int(self.last.wrapping_sub(base));
+        w.int(self.events);
+        w.int(self.orders);
         w.uint(self.revenue.len() as u64);
         for (cur, amount) in &self.revenue {
-            w.str(cur);
+            w.sym(cur);
             w.str(amount);
         }
-        w.slots(&self.channels);
-        w.slots(&self.sources);
+        w.slots(&self.channels, base);
+        w.slots(&self.sources, base);
         w.uint(self.ids.len() as u64);
         for (key, r) in &self.ids {
+            let mut flags = 0;
+            if key.find(':') == Some(r.typ.len()) && key.starts_with(r.typ.as_str()) {
+                flags |= TYPE_IN_KEY;
+            }
+            if r.origin == self.id {
+                flags |= ORIGIN_IS_PROFILE;
+            }
+            if r.verified {
+                flags |= VERIFIED;
+            }
+            if r.verified_as.is_some() {
+                flags |= VERIFIED_AS_INT;
+            }
+            if r.nb.is_some() {
+                flags |= HAS_NEIGHBOURS;
+            }
+            w.out.push(flags);
             w.str(key);
-            w.str(&r.typ);
-            w.int(r.first);
-            w.int(r.last);
-            w.str(&r.source);
-            match r.verified_as {
-                None => w.uint(u64::from(r.verified)),
-                Some(n) => {
-                    w.uint(2);
-                    w.int(n);
-                }
+            if flags & TYPE_IN_KEY == 0 {
+                w.sym(&r.typ);
+            }
+            w.int(r.first.wrapping_sub(base));
+            w.int(r.last.wrapping_sub(r.first));
+            w.sym(&r.source);
+            if let Some(n) = r.verified_as {
+                w.int(n);
             }
             w.str(&r.via);
-            w.str(&r.origin);
-            match &r.nb {
-                None => w.uint(0),
-                Some(codes) => {
-                    w.uint(codes.len() as u64 + 1);
-                    for c in codes {
-                        w.int(*c);
-                    }
+            if flags & ORIGIN_IS_PROFILE == 0 {
+                w.str(&r.origin);
+            }
+            if let Some(codes) = &r.nb {
+                w.uint(codes.len() as u64);
+                for c in codes {
+                    w.int(*c);
                 }
             }
         }
@@ -663,15 +710,15 @@ impl Profile {
                 &serde_json::to_string(&extra).expect("JSON values serialise"),
             ));
         }
-        w.0.into_boxed_slice()
+        w.out.into_boxed_slice()
     }
 
-    /// Inverse of `pack`.
-    pub fn unpack(raw: &[u8]) -> Profile {
-        let mut r = Unpacker { raw, at: 0 };
+    /// Inverse of `pack`, with the same symbols.
+    pub fn unpack(raw: &[u8], syms: &Symbols) -> Profile {
+        let mut r = Unpacker { raw, at: 0, syms };
         let mut p = Profile {
             id: r.str(),
-            status: r.str(),
+            status: r.sym(),
             seq: r.int(),
             ..Default::default()
         };
@@ -679,40 +726,50 @@ impl Profile {
             p.merged_into = r.opt_str();
             return p;
         }
-        p.created = r.int();
-        p.first = r.int();
-        p.last = r.int();
+        let base = r.int();
+        p.created = base;
+        p.first = base.wrapping_add(r.int());
+        p.last = base.wrapping_add(r.int());
         p.events = r.int();
         p.orders = r.int();
         let n = r.uint() as usize;
-        p.revenue = (0..n).map(|_| (r.str(), r.str())).collect();
-        p.channels = r.slots();
-        p.sources = r.slots();
+        p.revenue = (0..n).map(|_| (r.sym(), r.str())).collect();
+        p.channels = r.slots(base);
+        p.sources = r.slots(base);
         let n = r.uint() as usize;
         p.ids = (0..n)
             .map(|_| {
+                let flags = r.bytes(1)[0];
                 let key = r.str();
-                let (typ, first, last, source) = (r.str(), r.int(), r.int(), r.str());
-                let (verified, verified_as) = match r.uint() {
-                    2 => {
-                        let n = r.int();
-                        (n != 0, Some(n))
-                    }
-                    flag => (flag != 0, None),
+                let typ = if flags & TYPE_IN_KEY != 0 {
+                    key[..key.find(':').expect("packed with its type")].to_owned()
+                } else {
+                    r.sym()
                 };
+                let first = base.wrapping_add(r.int());
+                let last = first.wrapping_add(r.int());
+                let source = r.sym();
+                let verified_as = (flags & VERIFIED_AS_INT != 0).then(|| r.int());
+                let via = r.str();
+                let origin = if flags & ORIGIN_IS_PROFILE != 0 {
+                    p.id.clone()
+                } else {
+                    r.str()
+                };
+                let nb = (flags & HAS_NEIGHBOURS != 0).then(|| {
+                    let n = r.uint() as usize;
+                    (0..n).map(|_| r.int()).collect()
+                });
                 let rec = Rec {
                     typ,
                     first,
                     last,
                     source,
-                    verified,
+                    verified: flags & VERIFIED != 0,
                     verified_as,
-                    via: r.str(),
-                    origin: r.str(),
-                    nb: match r.uint() as usize {
-                        0 => None,
-                        n => Some((0..n - 1).map(|_| r.int()).collect()),
-                    },
+                    via,
+                    origin,
+                    nb,
                 };
                 (key, rec)
             })

@@ -43,13 +43,19 @@ def native_available() -> bool:
 class NativeGraph:
     """`IdentityGraph`'s link path in Rust: same results, same stored keys and values, less time.
 
-    The caches have the Python graph's shape: `cache_profiles` decoded profiles (Rust structs, a smaller
-    default), below them `cold_profiles` packed ones (varints and strings, about 300 bytes, decoded in well
-    under a microsecond), `cache_identifiers` owners. No `on_event` hook. `link(ev)` returns what
-    `IdentityGraph.link` returns, for events as validation makes them: `verified` a bool and
-    `occurred_at_ms` within 64 signed bits (anything else raises before the event changes any state). It
-    flushes at other moments than the Python graph (before an erase event, when lending a graph), so the
-    store between flushes differs; every flush still ends at an event boundary.
+    The caches have the Python graph's shape: `cache_profiles` decoded profiles (Rust structs, at most twice
+    that many: a dirty one leaving them before the flush is encoded then and waits as its row), below them
+    `cold_profiles` packed ones (symbols, deltas and strings, about 160 bytes, decoded in well under a
+    microsecond), `cache_identifiers` owners (one block of about 46 bytes each); `cache_sizes()` reports them.
+    A decoded profile costs about 1.5 KB, so the hot cache defaults to 5,000 (the Python graph: 100,000); each
+    event of a write batch costs about 3 KB on its way into RocksDB (the batch's rows as Python bytes, the
+    `WriteBatch`, the memtable): `flush_every=5_000` takes 45-57 MB less than the default 20,000 and links
+    about 10 % slower (BENCHMARKS.md, 0.4.1). No `on_event` hook.
+
+    `link(ev)` returns what `IdentityGraph.link` returns, for events as validation makes them: `verified` a
+    bool and `occurred_at_ms` within 64 signed bits (anything else raises before the event changes any
+    state). It flushes at other moments than the Python graph (before an erase event, when lending a graph),
+    so the store between flushes differs; every flush still ends at an event boundary.
     """
 
     def __init__(
@@ -57,7 +63,7 @@ class NativeGraph:
         store: Store | None = None,
         rules: Rules | None = None,
         *,
-        cache_profiles: int = 20_000,
+        cache_profiles: int = 5_000,
         cold_profiles: int = 1_000_000,
         cache_identifiers: int = 1_000_000,
         flush_every: int = 20_000,
@@ -104,6 +110,11 @@ class NativeGraph:
         """The counters `IdentityGraph.stats` would hold after the same input (a copy)."""
         stats: dict[str, Any] = self._engine.stats()
         return stats
+
+    def cache_sizes(self) -> dict[str, int]:
+        """Entries and entry bytes in the engine's caches (decoded and packed profiles, owners, symbols)."""
+        sizes: dict[str, int] = self._engine.cache_sizes()
+        return sizes
 
     def python(self) -> IdentityGraph:
         """A Python graph over the same store, for lookups, explain, split and erase.

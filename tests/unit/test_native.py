@@ -650,6 +650,53 @@ def test_one_event_id_at_one_millisecond_for_more_profiles_than_its_id_has_varia
     assert len({r.profile_id for r in results}) == len(events)
 
 
+def test_more_names_than_the_packed_form_has_symbols_for() -> None:
+    """The packed cold cache stores sources, channels, currencies and identifier types as symbols, 4,096 at
+    most; free-form names past that are packed as text. Every profile here is unpacked again (a hot cache of
+    one), with names from both kinds, and reads back the same as the Python graph's."""
+    rng = random.Random(4096)
+    events = []
+    for n in range(3_000):
+        person = rng.randrange(200)
+        idents = (Identifier("email", f"p{person}@x.ru", True), Identifier(f"t{n % 700}", f"v{person}"))
+        order = n % 3 == 0
+        events.append(
+            NormalizedEvent(
+                f"e{n}",
+                f"source {n}",
+                f"channel {n}",
+                "order_placed" if order else "page_view",
+                _T0 + n,
+                idents,
+                {"total": Decimal("1.5"), "currency": f"C{n % 900}"} if order else {},
+            )
+        )
+    rules, _ = RULE_SETS["unprotected"]
+    _, nat, _ = _differential(
+        events, rules, Trace("# rules: unprotected"), nat_kw={"cache_profiles": 1, "flush_every": 7}
+    )
+    assert nat.cache_sizes()["symbols"] == 4_096
+
+
+def test_cache_sizes_count_what_the_caches_hold() -> None:
+    """`cache_sizes()` (printed by bench_core.py): with caches larger than the state, every profile row is
+    held packed, every identifier row's owner is held, and the byte counts are the entries' sizes."""
+    events, _ = _build(_random_spec(random.Random(8), 400))
+    nat = _native(MemoryStore(), RULE_SETS["shipped"][0])
+    for ev in (ev for ev in events if ev.type != "erase"):  # an erase event empties the caches
+        nat.link(ev)
+    nat.flush()
+    sizes = nat.cache_sizes()
+    profiles = [v for _, v in nat.store.iter_prefix(b"p:")]
+    owners = [k for k, _ in nat.store.iter_prefix(b"i:")]
+    assert sizes["packed_profiles"] == len(profiles)
+    assert sizes["owners"] >= len(owners)  # and the identifiers looked up that have no owner
+    # one length byte and the id before each packed profile, and fewer bytes than its JSON
+    assert len(profiles) * 27 < sizes["packed_profile_bytes"] < sum(len(v) for v in profiles)
+    assert sizes["owner_bytes"] > sum(len(k) for k in owners)
+    assert 0 < sizes["decoded_profiles"] <= len(profiles)
+
+
 def test_events_with_up_to_64_identifiers() -> None:
     """Validation lets an event carry 64 identifiers: size caps, limits and merges of many values at once."""
     rng = random.Random(64)
@@ -673,7 +720,9 @@ _NATIVE_COLD = "cold_profiles" in inspect.signature(NativeGraph).parameters
 
 @pytest.mark.parametrize(
     ("cache_profiles", "cold_profiles", "cache_identifiers", "flush_every"),
-    [(1, None, 1, 1), (1, 0, 1, 3), (1, 1, 1, 7), (0, 0, 0, 0)],  # Python takes < 1 as 1 (cold: < 0 as 0)
+    # Python takes < 1 as 1 (cold: < 0 as 0); the last two keep many profiles spilled (encoded, waiting for
+    # the flush) and read them back before it, from the cold cache or, without one, from the spilled rows
+    [(1, None, 1, 1), (1, 0, 1, 3), (1, 1, 1, 7), (0, 0, 0, 0), (1, None, 1, 1_000), (1, 0, 1, 1_000)],
 )
 @settings(max_examples=40, deadline=None, suppress_health_check=_SLOW)
 @given(spec=EVENTS, name=st.sampled_from(_NAMES))
@@ -1305,7 +1354,7 @@ def test_a_state_in_the_earlier_encoding_is_continued_the_same(spec: Spec, name:
 def _hand_edit(store: MemoryStore, edit: str) -> None:
     """Rows another tool could have written, which the Python core reads and continues: `extra` fields of
     other aggregators (merged by `absorb`), revenue as non-canonical decimal strings ("+10.00", "-05.5"),
-    verified flags as 0 / 1, an empty neighbour list for none."""
+    verified flags as 0 / 1, an empty neighbour list for none, a record's type other than its key's."""
     rows = []
     for n, (k, v) in enumerate(store.iter_prefix(b"p:")):
         d = orjson.loads(v)
@@ -1324,11 +1373,15 @@ def _hand_edit(store: MemoryStore, edit: str) -> None:
                 rec[4] = int(rec[4])
             if edit == "empty-neighbours" and rec[7] is None and j % 2:
                 rec[7] = []
+            if edit == "type-not-in-key" and (n + j) % 3 == 0:
+                rec[0] = rec[0][:2]  # "ph" for "phone:…": not the key's type
         rows.append((k, orjson.dumps(d)))
     store.write_batch(rows)
 
 
-@pytest.mark.parametrize("edit", ["extra", "revenue", "verified-as-int", "empty-neighbours"])
+@pytest.mark.parametrize(
+    "edit", ["extra", "revenue", "verified-as-int", "empty-neighbours", "type-not-in-key"]
+)
 @pytest.mark.parametrize("name", ["shipped", "unprotected", "windowed-limits"])
 def test_a_hand_edited_state_is_continued_the_same(edit: str, name: str) -> None:
     """Not a state the core writes, but one it reads and continues: so must the native engine. (Seeded
@@ -1351,7 +1404,9 @@ def test_a_hand_edited_state_is_continued_the_same(edit: str, name: str) -> None
             + f" IdentityGraph, then _hand_edit(store, {edit!r})"
         )
         py = IdentityGraph(py_store, rules, history=history)
-        nat = _native(nat_store, rules, history=history)
+        # odd seeds: a hot cache of one, rotated at every event, so edited rows go through the packed form too
+        cold = {"cache_profiles": 1, "flush_every": 1} if seed % 2 else {}
+        nat = _native(nat_store, rules, history=history, **cold)
         for ev in events[40:]:
             _link_both(py, nat, ev, trace)
         _flush_both(py, nat, nat_store, trace, "at the end")
@@ -1462,15 +1517,22 @@ def _build_wild(spec: Spec) -> list[NormalizedEvent]:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=_SLOW)
-@given(spec=st.lists(_WILD_EVENT, min_size=1, max_size=25), name=st.sampled_from(_NAMES))
-def test_odd_values_times_ids_and_totals(spec: Spec, name: str) -> None:
+@given(
+    spec=st.lists(_WILD_EVENT, min_size=1, max_size=25),
+    name=st.sampled_from(_NAMES),
+    hot=st.sampled_from([5_000, 1]),
+)
+def test_odd_values_times_ids_and_totals(spec: Spec, name: str, hot: int) -> None:
     """Control characters, quotes, non-ASCII and colons in values and types, times at 0, before 1970 and
-    past the ULID's 48 bits, money as floats, integers, strings, NaN and 1E+40, odd currencies."""
+    past the ULID's 48 bits, money as floats, integers, strings, NaN and 1E+40, odd currencies; with a hot
+    cache of one, through the packed cold cache too."""
     rules, history = RULE_SETS[name]
     events = _build_wild(spec)
-    trace = Trace(_header(name, history=history))
+    # a hot cache of one, rotated at every event's flush: a profile seen two events ago is unpacked
+    nat_kw = {"cache_profiles": hot} if hot > 1 else {"cache_profiles": 1, "flush_every": 1}
+    trace = Trace(_header(name, history=history, native=nat_kw))
     with contextlib.suppress(_PythonRaised):  # the Python core raised, and the native engine did too
-        _differential(events, rules, trace, history=history, flushes=range(0, len(events), 3))
+        _differential(events, rules, trace, history=history, nat_kw=nat_kw, flushes=range(0, len(events), 3))
 
 
 @pytest.mark.parametrize("bad", ["verified=1", "verified=None", "at=2**63"])

@@ -1,0 +1,154 @@
+//! The graph's long-lived caches in compact form: identifier owners and packed profiles.
+//!
+//! Both hold one heap block per entry — a varint-length-prefixed key followed by the value — in a hash table
+//! of boxed byte slices. A `HashMap<String, Rc<str>>` owner took about 140 bytes an identifier (the slot, the
+//! key's block, the counted id's block); one block and a 16-byte slot take about 75. These caches are what
+//! grows with the number of identifiers, so they set the core's memory per identifier (issue 4).
+
+use std::hash::Hasher;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxHashMap as HashMap, FxHasher};
+
+/// Byte entries keyed by the length-prefixed string they start with (an identifier key, a profile id).
+#[derive(Default)]
+pub struct Keyed {
+    table: HashTable<Box<[u8]>>,
+    /// the entries' bytes, for `Engine.cache_sizes`
+    bytes: usize,
+}
+
+fn hash(key: &[u8]) -> u64 {
+    let mut h = FxHasher::default();
+    h.write(key);
+    h.finish()
+}
+
+/// Where the key starts and ends in an entry.
+fn key_span(entry: &[u8]) -> (usize, usize) {
+    let (mut len, mut shift, mut at) = (0usize, 0, 0);
+    loop {
+        let b = entry[at];
+        at += 1;
+        len |= usize::from(b & 0x7F) << shift;
+        if b < 0x80 {
+            return (at, at + len);
+        }
+        shift += 7;
+    }
+}
+
+fn key_of(entry: &[u8]) -> &[u8] {
+    let (start, end) = key_span(entry);
+    &entry[start..end]
+}
+
+/// An entry: the key, length-prefixed, then `value`.
+pub fn entry(key: &str, value: &[u8]) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(key.len() + value.len() + 2);
+    let mut n = key.len();
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(value);
+    out.into_boxed_slice()
+}
+
+impl Keyed {
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn clear(&mut self) {
+        self.table.clear();
+        self.bytes = 0;
+    }
+
+    /// The whole entry stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        let key = key.as_bytes();
+        self.table
+            .find(hash(key), |e| key_of(e) == key)
+            .map(|e| &e[..])
+    }
+
+    /// The value stored under `key` (the entry after its key).
+    pub fn value(&self, key: &str) -> Option<&[u8]> {
+        self.get(key).map(|e| &e[key_span(e).1..])
+    }
+
+    pub fn take(&mut self, key: &str) -> Option<Box<[u8]>> {
+        let key = key.as_bytes();
+        match self.table.find_entry(hash(key), |e| key_of(e) == key) {
+            Ok(found) => {
+                let e = found.remove().0;
+                self.bytes -= e.len();
+                Some(e)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Store an entry made by `entry` (or taken from another table), replacing one with the same key.
+    pub fn put(&mut self, e: Box<[u8]>) {
+        let h = hash(key_of(&e));
+        self.bytes += e.len();
+        match self
+            .table
+            .entry(h, |old| key_of(old) == key_of(&e), |old| hash(key_of(old)))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut slot) => {
+                self.bytes -= slot.get().len();
+                *slot.get_mut() = e;
+            }
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                slot.insert(e);
+            }
+        }
+    }
+}
+
+/// Names that recur in every profile (sources, channels, identifier types, the status), packed as small
+/// numbers. Codes are never reused, so a packed profile reads back the same for the graph's lifetime; past
+/// `MAX_SYMBOLS` distinct names (free-form input), new ones are packed as text.
+#[derive(Default)]
+pub struct Symbols {
+    names: Vec<Box<str>>,
+    codes: HashMap<Box<str>, u32>,
+}
+
+const MAX_SYMBOLS: usize = 4096;
+
+impl Symbols {
+    pub fn code(&mut self, name: &str) -> Option<u32> {
+        if let Some(&c) = self.codes.get(name) {
+            return Some(c);
+        }
+        if self.names.len() >= MAX_SYMBOLS {
+            return None;
+        }
+        let c = self.names.len() as u32;
+        self.names.push(Box::from(name));
+        self.codes.insert(Box::from(name), c);
+        Some(c)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn name(&self, code: u32) -> &str {
+        &self.names[code as usize]
+    }
+}
