@@ -119,9 +119,10 @@ impl Keyed {
     }
 }
 
-/// Names that recur in every profile (sources, channels, identifier types, the status), packed as small
-/// numbers. Codes are never reused, so a packed profile reads back the same for the graph's lifetime; past
-/// `MAX_SYMBOLS` distinct names (free-form input), new ones are packed as text.
+/// Names that recur in every profile (sources, channels, identifier types, currencies, the status), packed
+/// as small numbers. Codes are never reused, so a packed profile reads back the same for the graph's
+/// lifetime. Past `MAX_SYMBOLS` distinct names (free-form input), and for names over `MAX_SYMBOL_BYTES`
+/// (validation caps a source or channel at 64 characters), the text is packed instead: the table stays small.
 #[derive(Default)]
 pub struct Symbols {
     names: Vec<Box<str>>,
@@ -129,13 +130,14 @@ pub struct Symbols {
 }
 
 const MAX_SYMBOLS: usize = 4096;
+const MAX_SYMBOL_BYTES: usize = 64;
 
 impl Symbols {
     pub fn code(&mut self, name: &str) -> Option<u32> {
         if let Some(&c) = self.codes.get(name) {
             return Some(c);
         }
-        if self.names.len() >= MAX_SYMBOLS {
+        if self.names.len() >= MAX_SYMBOLS || name.len() > MAX_SYMBOL_BYTES {
             return None;
         }
         let c = self.names.len() as u32;

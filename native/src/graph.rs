@@ -500,7 +500,7 @@ impl Graph {
     }
 
     /// Past `cache_profiles` decoded profiles, drop the older generation. A dirty profile in it is encoded
-    /// now (its row waits in `spilled` for the flush) and packed, so the decoded caches stay within twice
+    /// now (its row waits in `spilled` for the flush) and packed, so the decoded caches stay near twice
     /// their size however many events a batch holds.
     fn rotate_profiles(&mut self) {
         let dropped = std::mem::replace(&mut self.p_old, std::mem::take(&mut self.p_young));
@@ -652,7 +652,13 @@ impl Graph {
     }
 
     /// `ProfileState.record_event`.
+    /// `ProfileState.record_event`: the order's revenue sum first, so one that raises (decimal's Overflow)
+    /// leaves the profile as it was.
     fn record_event(&self, py: Python<'_>, p: &mut Profile, ev: &Event) -> PyResult<()> {
+        let revenue = match ev.attributes.as_ref().filter(|_| ev.is_order) {
+            Some(attrs) => self.order_revenue(py, p, attrs.bind(py))?,
+            None => None,
+        };
         let at = ev.at;
         p.events += 1;
         if at > p.last {
@@ -663,14 +669,29 @@ impl Graph {
         }
         bump(&mut p.channels, &ev.channel, 1, at);
         bump(&mut p.sources, &ev.source, 1, at);
-        let Some(attrs) = ev.attributes.as_ref().filter(|_| ev.is_order) else {
-            return Ok(());
-        };
-        p.orders += 1;
-        let attrs = attrs.bind(py);
+        if ev.is_order {
+            p.orders += 1;
+        }
+        if let Some((currency, sum)) = revenue {
+            match p.revenue.iter().position(|(c, _)| *c == currency) {
+                Some(i) => p.revenue[i].1 = sum,
+                None => p.revenue.push((currency, sum)),
+            }
+        }
+        Ok(())
+    }
+
+    /// `ProfileState._order_revenue`: (currency, its revenue with this order's total), or None for an order
+    /// without a usable total.
+    fn order_revenue(
+        &self,
+        py: Python<'_>,
+        p: &Profile,
+        attrs: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<(String, String)>> {
         let total = attrs.call_method1(pyo3::intern!(py, "get"), ("total",))?;
         if total.is_none() {
-            return Ok(());
+            return Ok(None);
         }
         // a Decimal as is, anything else through its string; one Decimal refuses counts as an order, no revenue
         let decimal = self.decimal.bind(py);
@@ -679,7 +700,9 @@ impl Graph {
         } else {
             match decimal.call1((total.str()?,)) {
                 Ok(amount) => amount,
-                Err(e) if e.is_instance_bound(py, self.invalid_operation.bind(py)) => return Ok(()),
+                Err(e) if e.is_instance_bound(py, self.invalid_operation.bind(py)) => {
+                    return Ok(None)
+                }
                 Err(e) => return Err(e),
             }
         };
@@ -689,17 +712,24 @@ impl Graph {
         } else {
             "XXX".to_owned()
         };
-        let held = p.revenue.iter().position(|(c, _)| *c == currency);
-        let sum = self.add_money(py, held.map(|i| p.revenue[i].1.as_str()), &amount)?;
-        match held {
-            Some(i) => p.revenue[i].1 = sum,
-            None => p.revenue.push((currency, sum)),
-        }
-        Ok(())
+        let held = p.revenue.iter().find(|(c, _)| *c == currency);
+        let sum = self.add_money(py, held.map(|(_, amount)| amount.as_str()), &amount)?;
+        Ok(Some((currency, sum)))
     }
 
     /// `ProfileState.absorb`: fold `b` into `a` (merge; `b` is the loser).
+    /// The revenue sums come first: one that raises leaves both profiles as they were.
     fn absorb(&self, py: Python<'_>, a: &mut Profile, b: &Profile) -> PyResult<()> {
+        let mut revenue = a.revenue.clone();
+        for (cur, amount) in &b.revenue {
+            let amount = self.decimal.bind(py).call1((amount.as_str(),))?;
+            let held = revenue.iter().position(|(c, _)| c == cur);
+            let sum = self.add_money(py, held.map(|i| revenue[i].1.as_str()), &amount)?;
+            match held {
+                Some(i) => revenue[i].1 = sum,
+                None => revenue.push((cur.clone(), sum)),
+            }
+        }
         for (key, rec) in &b.ids {
             a.add_identifier(key.clone(), rec.clone());
         }
@@ -707,15 +737,7 @@ impl Graph {
         a.last = a.last.max(b.last);
         a.events += b.events;
         a.orders += b.orders;
-        for (cur, amount) in &b.revenue {
-            let amount = self.decimal.bind(py).call1((amount.as_str(),))?;
-            let held = a.revenue.iter().position(|(c, _)| c == cur);
-            let sum = self.add_money(py, held.map(|i| a.revenue[i].1.as_str()), &amount)?;
-            match held {
-                Some(i) => a.revenue[i].1 = sum,
-                None => a.revenue.push((cur.clone(), sum)),
-            }
-        }
+        a.revenue = revenue;
         for (name, count, last) in &b.channels {
             bump(&mut a.channels, name, *count, *last);
         }
@@ -778,20 +800,22 @@ impl Graph {
                     if active {
                         {
                             let mut q = p.borrow_mut();
-                            for ident in &ev.idents {
-                                if let Some(rec) = q.rec_mut(&ident.key) {
-                                    if ev.at > rec.last {
-                                        rec.last = ev.at;
-                                    }
-                                    if ident.verified && !rec.verified {
-                                        rec.verified = true;
-                                        rec.verified_as = None;
-                                    }
-                                } else {
-                                    return Err(PyKeyError::new_err(ident.key.clone()));
-                                }
+                            // what can raise before any change, as in Python: a record missing from the
+                            // profile its owner row names, an order's revenue sum
+                            if let Some(ident) = ev.idents.iter().find(|i| !q.holds(&i.key)) {
+                                return Err(PyKeyError::new_err(ident.key.clone()));
                             }
                             self.record_event(py, &mut q, ev)?;
+                            for ident in &ev.idents {
+                                let rec = q.rec_mut(&ident.key).expect("checked above");
+                                if ev.at > rec.last {
+                                    rec.last = ev.at;
+                                }
+                                if ident.verified && !rec.verified {
+                                    rec.verified = true;
+                                    rec.verified_as = None;
+                                }
+                            }
                         }
                         self.touch(&p);
                         let anchor = best.map(|(_, i)| ev.idents[i].key.clone());

@@ -383,13 +383,16 @@ class IdentityGraph:
                 if p is not None and p.status == ACTIVE:
                     at = ev.occurred_at_ms
                     ids = p.ids
-                    for key, ident in zip(seen, ev.identifiers, strict=True):
-                        rec = ids[key]
+                    # what can raise before any change, so a failed link leaves the profile as it was: a
+                    # record missing from the profile its owner row names (KeyError), an order's revenue
+                    # sum (decimal's Overflow; `record_event` sums before it counts)
+                    recs = [ids[key] for key in seen]
+                    p.record_event(ev)
+                    for rec, ident in zip(recs, ev.identifiers, strict=True):
                         if at > rec[R_LAST]:
                             rec[R_LAST] = at
                         if ident.verified and not rec[R_VERIFIED]:
                             rec[R_VERIFIED] = True
-                    p.record_event(ev)
                     if self._on_event is not None:
                         self._on_event(p, ev)
                     self._dirty_p[first] = p

@@ -43,14 +43,15 @@ def native_available() -> bool:
 class NativeGraph:
     """`IdentityGraph`'s link path in Rust: same results, same stored keys and values, less time.
 
-    The caches have the Python graph's shape: `cache_profiles` decoded profiles (Rust structs, at most twice
-    that many: a dirty one leaving them before the flush is encoded then and waits as its row), below them
-    `cold_profiles` packed ones (symbols, deltas and strings, about 160 bytes, decoded in well under a
-    microsecond), `cache_identifiers` owners (one block of about 46 bytes each); `cache_sizes()` reports them.
-    A decoded profile costs about 1.5 KB, so the hot cache defaults to 5,000 (the Python graph: 100,000); each
-    event of a write batch costs about 3 KB on its way into RocksDB (the batch's rows as Python bytes, the
-    `WriteBatch`, the memtable): `flush_every=5_000` takes 45-57 MB less than the default 20,000 and links
-    about 10 % slower (BENCHMARKS.md, 0.4.1). No `on_event` hook.
+    The caches have the Python graph's shape: `cache_profiles` decoded profiles (Rust structs, about twice
+    that many, rotated at an event's start rather than at a flush: a dirty one leaving them before the flush
+    is encoded then and waits as its row), below them `cold_profiles` packed ones (symbols, deltas and
+    strings, about 160 bytes, decoded in well under a microsecond), `cache_identifiers` owners (one block of
+    about 46 bytes each); `cache_sizes()` reports them. A decoded profile costs about 1.5 KB, so the hot
+    cache defaults to 5,000 (the Python graph: 100,000); each event of a write batch costs about 3 KB on its
+    way into RocksDB (the batch's rows as Python bytes, the `WriteBatch`, the memtable): `flush_every=5_000`
+    takes 44-57 MB less than the default 20,000 and links 10-18 % slower (BENCHMARKS.md, 0.4.1). No
+    `on_event` hook.
 
     `link(ev)` returns what `IdentityGraph.link` returns, for events as validation makes them: `verified` a
     bool and `occurred_at_ms` within 64 signed bits (anything else raises before the event changes any

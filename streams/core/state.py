@@ -7,6 +7,7 @@ orjson encoding; identifier records are small lists indexed by the `R_*` constan
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -125,8 +126,14 @@ class ProfileState:
         self.extra: dict[str, Any] = {}
 
     def record_event(self, ev: NormalizedEvent) -> None:
-        """Fold one event into the aggregates: events, activity window, channels, sources, orders."""
+        """Fold one event into the aggregates: events, activity window, channels, sources, orders.
+
+        An order's revenue sum comes first: one that raises (decimal's Overflow) leaves the profile as it was,
+        so a failed link leaves no half-counted event behind, in this graph or the native engine.
+        """
         at = ev.occurred_at_ms
+        is_order = ev.type in ORDER_TYPES
+        revenue = self._order_revenue(ev.attributes) if is_order else None
         self.events += 1
         if at > self.last_ms:
             self.last_ms = at
@@ -147,17 +154,22 @@ class ProfileState:
             slot[0] += 1
             if at > slot[1]:
                 slot[1] = at
-        if ev.type in ORDER_TYPES:
+        if is_order:
             self.orders += 1
-            attrs = ev.attributes
-            total = attrs.get("total")
-            if total is not None:
-                try:
-                    amount = total if isinstance(total, Decimal) else Decimal(str(total))
-                except InvalidOperation:
-                    return
-                currency = str(attrs.get("currency") or "XXX")
-                self.revenue[currency] = self.revenue.get(currency, Decimal(0)) + amount
+            if revenue is not None:
+                self.revenue[revenue[0]] = revenue[1]
+
+    def _order_revenue(self, attrs: Mapping[str, Any]) -> tuple[str, Decimal] | None:
+        """(currency, its revenue with this order's total), or None for an order without a usable total."""
+        total = attrs.get("total")
+        if total is None:
+            return None
+        try:
+            amount = total if isinstance(total, Decimal) else Decimal(str(total))
+        except InvalidOperation:
+            return None
+        currency = str(attrs.get("currency") or "XXX")
+        return currency, self.revenue.get(currency, Decimal(0)) + amount
 
     def wipe(self, status: str) -> None:
         """Drop every identifier and aggregate (erase), keeping id and seq."""
@@ -210,15 +222,20 @@ class ProfileState:
     # --- aggregates --------------------------------------------------------------------------------
 
     def absorb(self, other: ProfileState) -> None:
-        """Fold `other`'s identifiers and aggregates into this profile (merge; `other` is the loser)."""
+        """Fold `other`'s identifiers and aggregates into this profile (merge; `other` is the loser).
+
+        The revenue sums come first: one that raises (decimal's Overflow) leaves both profiles as they were.
+        """
+        revenue = dict(self.revenue)
+        for cur, amount in other.revenue.items():
+            revenue[cur] = revenue.get(cur, Decimal(0)) + amount
         for key, record in other.ids.items():
             self.add_identifier(key, record)
         self.first_ms = min(self.first_ms, other.first_ms)
         self.last_ms = max(self.last_ms, other.last_ms)
         self.events += other.events
         self.orders += other.orders
-        for cur, amount in other.revenue.items():
-            self.revenue[cur] = self.revenue.get(cur, Decimal(0)) + amount
+        self.revenue = revenue
         for mine, theirs in ((self.channels, other.channels), (self.sources, other.sources)):
             for name, (count, last) in theirs.items():
                 slot = mine.get(name)

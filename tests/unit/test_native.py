@@ -652,8 +652,8 @@ def test_one_event_id_at_one_millisecond_for_more_profiles_than_its_id_has_varia
 
 def test_more_names_than_the_packed_form_has_symbols_for() -> None:
     """The packed cold cache stores sources, channels, currencies and identifier types as symbols, 4,096 at
-    most; free-form names past that are packed as text. Every profile here is unpacked again (a hot cache of
-    one), with names from both kinds, and reads back the same as the Python graph's."""
+    most and none over 64 bytes; other names are packed as text. Profiles here are unpacked again and again
+    (a hot cache of one), with names of both kinds, and read back the same as the Python graph's."""
     rng = random.Random(4096)
     events = []
     for n in range(3_000):
@@ -664,7 +664,7 @@ def test_more_names_than_the_packed_form_has_symbols_for() -> None:
             NormalizedEvent(
                 f"e{n}",
                 f"source {n}",
-                f"channel {n}",
+                f"channel {n}" + ("ё" * 40 if n % 5 == 0 else ""),  # past 64 bytes: never a symbol
                 "order_placed" if order else "page_view",
                 _T0 + n,
                 idents,
@@ -695,6 +695,79 @@ def test_cache_sizes_count_what_the_caches_hold() -> None:
     assert len(profiles) * 27 < sizes["packed_profile_bytes"] < sum(len(v) for v in profiles)
     assert sizes["owner_bytes"] > sum(len(k) for k in owners)
     assert 0 < sizes["decoded_profiles"] <= len(profiles)
+
+
+_OVERFLOWING = Decimal("9E+999999")  # twice this passes Python's decimal context: the sum raises Overflow
+
+
+def _failing_link_stream() -> list[NormalizedEvent]:
+    """Orders whose revenue sums overflow, on the hot path and in a merge, among events that rotate caches."""
+
+    def order(n: int, *keys: str) -> NormalizedEvent:
+        idents = tuple(Identifier(*k.split(":", 1)) for k in keys)
+        total = {"total": _OVERFLOWING, "currency": "RUB"}
+        return NormalizedEvent(f"o{n}", "pos", "store", "store_purchase", _T0 + n, idents, total)
+
+    def visit(n: int, key: str) -> NormalizedEvent:
+        return NormalizedEvent(f"v{n}", "web", "web", "page_view", _T0 + n, (Identifier(*key.split(":", 1)),))
+
+    return [
+        order(1, "email:a@x.ru"),
+        order(2, "email:b@x.ru"),
+        order(3, "email:a@x.ru"),  # the hot path: a's sum overflows
+        *(visit(10 + n, f"cookie_id:k{n}") for n in range(6)),  # other profiles: the hot cache rotates
+        visit(20, "email:a@x.ru"),
+        order(21, "email:a@x.ru", "cookie_id:k1"),  # k1's profile merges into a's, then the sum overflows
+        visit(30, "email:a@x.ru"),
+        visit(31, "email:b@x.ru"),
+        NormalizedEvent(
+            "m",
+            "crm",
+            "crm",
+            "identify",
+            _T0 + 40,
+            (Identifier("email", "a@x.ru"), Identifier("email", "b@x.ru")),
+        ),  # the merge's sum overflows
+        *(visit(50 + n, f"cookie_id:k{n}") for n in range(6)),
+        visit(60, "email:a@x.ru"),
+        visit(61, "email:b@x.ru"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "nat_kw",
+    [
+        {},
+        {"cache_profiles": 1},
+        {"cache_profiles": 1, "cold_profiles": 0},
+        {"cache_profiles": 1, "flush_every": 1_000},
+    ],
+    ids=["defaults", "hot-1", "hot-1-no-cold", "hot-1-long-batches"],
+)
+@pytest.mark.parametrize("same_caches", [False, True], ids=["python-defaults", "python-same-caches"])
+def test_a_link_that_raises_changes_nothing_in_either_engine(
+    nat_kw: dict[str, int], same_caches: bool
+) -> None:
+    """An order whose revenue sum overflows Python's decimal context raises in both engines: on the hot path,
+    after a merge that stands, and inside a merge. The sums come before any count, so a failed event leaves
+    no half-counted profile in a decoded cache, where it would reach one engine's store and not the other's
+    (the native engine drops decoded profiles at other moments than the Python graph)."""
+    rules, _ = RULE_SETS["unprotected"]
+    trace = Trace(f"# rules: unprotected; native={nat_kw}, python same caches: {same_caches}")
+    py = IdentityGraph(StrictStore(), rules, **(nat_kw if same_caches else {}))
+    nat_store = StrictStore()
+    nat = _native(nat_store, rules, **nat_kw)
+    raised = 0
+    for ev in _failing_link_stream():
+        try:
+            _link_both(py, nat, ev, trace)
+        except _PythonRaised:
+            raised += 1
+    _flush_both(py, nat, nat_store, trace, "at the end")
+    assert raised == 3
+    pid = py.lookup("email:a@x.ru")
+    a = py.profile(pid) if pid else None
+    assert a is not None and (a.events, a.orders) == (6, 1), "the three failed events left no count"
 
 
 def test_events_with_up_to_64_identifiers() -> None:
