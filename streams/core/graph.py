@@ -231,6 +231,10 @@ class IdentityGraph:
                         self._b_young[pid] = raw
                 p = ProfileState.decode(raw)
             self._p_young[pid] = p
+            if len(self._p_young) > self._cache_profiles and not self._dirty_p:
+                # nothing waits for a flush (the replay's final step, explain, lookups): rotate now, or a
+                # read-only pass over every profile keeps them all decoded (4 KB each)
+                self._p_old, self._p_young = self._p_young, {}
         return p
 
     def _live(self, pid: str) -> ProfileState | None:

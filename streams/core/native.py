@@ -81,8 +81,12 @@ class NativeGraph:
         self.flush_every = max(flush_every, 1)
         self.rules = rules if rules is not None else Rules()
         # a Python graph over the same store: for erase events and `python()`; a partial, not a bound method,
-        # so the engine holding it makes no cycle through this object (which the collector cannot see)
-        self._python_graph = functools.partial(IdentityGraph, self.store, self.rules, history=history)
+        # so the engine holding it makes no cycle through this object (which the collector cannot see). Its
+        # hot cache is the engine's size: the replay's final step reads every profile through it, and with
+        # the Python default (100,000 profiles as Python objects) that step took 120 MB more than the linking
+        self._python_graph = functools.partial(
+            IdentityGraph, self.store, self.rules, history=history, cache_profiles=self.cache_profiles
+        )
         self._engine = Engine(
             self.store,
             self.rules,

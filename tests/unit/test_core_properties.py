@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from streams.core import ChangeKind, IdentityGraph, RocksStore, Rules
 from streams.core.state import ACTIVE, ERASED
-from streams.events import NormalizedEvent
+from streams.events import Identifier, NormalizedEvent
 from tests.unit.core_helpers import POOL, event_specs, events_from_specs
 
 events_st = event_specs(["page_view", "page_view", "page_view", "order_placed", "login"])
@@ -127,3 +127,21 @@ def test_restart_on_rocksdb_continues_where_it_stopped(tmp_path: Any) -> None:
     assert dict(second.iter_identifiers()) == dict(one.iter_identifiers())
     assert second.stats["events"] == len(events)
     second.close()
+
+
+def test_a_read_only_pass_keeps_the_decoded_cache_near_its_size() -> None:
+    """With nothing waiting to be written, reading every profile (the replay's final step through the graph
+    `NativeGraph.python()` lends, explain) rotates the hot cache as it goes instead of keeping every profile
+    decoded until a flush."""
+    writer = IdentityGraph()
+    for n in range(40):
+        ids = (Identifier("cookie_id", f"k{n}"),)
+        writer.link(NormalizedEvent(f"e{n}", "web", "web", "page_view", 1_700_000_000_000 + n, ids))
+    writer.flush()
+    g = IdentityGraph(writer.store, cache_profiles=3)
+    pids = [k[2:].decode() for k, _ in g.store.iter_prefix(b"p:")]
+    held = []
+    for pid in pids:
+        assert g.final_profile(pid) == pid
+        held.append(len(g._p_young) + len(g._p_old))
+    assert len(pids) == 40 and max(held) <= 2 * (3 + 1)
