@@ -496,7 +496,7 @@ pub fn put_strs(o: &mut Vec<u8>, ss: &[String]) {
     o.push(b']');
 }
 
-// --- the cold cache's packed form: varints, symbols and length-prefixed strings, ~200 bytes a profile ------
+// --- the cold cache's packed form: varints, symbols and length-prefixed strings, ~160 bytes a profile ------
 
 struct Packer<'a> {
     out: Vec<u8>,
@@ -521,7 +521,7 @@ impl Packer<'_> {
         self.out.extend_from_slice(s.as_bytes());
     }
 
-    /// A recurring name: its symbol + 1, or 0 and the text once the symbol table is full.
+    /// A recurring name: its symbol + 1, or 0 and the text (the table is full, or the name is long).
     fn sym(&mut self, s: &str) {
         match self.syms.code(s) {
             Some(c) => self.uint(u64::from(c) + 1),
@@ -623,7 +623,7 @@ impl Unpacker<'_> {
     }
 }
 
-/// Record flags in the packed form: what a record leaves out because the profile implies it.
+/// A packed record's flags: its boolean fields, and what it leaves out because its key or profile says it.
 const TYPE_IN_KEY: u8 = 1;
 const ORIGIN_IS_PROFILE: u8 = 2;
 const VERIFIED: u8 = 4;
