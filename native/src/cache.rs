@@ -24,18 +24,35 @@ fn hash(key: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Where the key starts and ends in an entry.
-fn key_span(entry: &[u8]) -> (usize, usize) {
-    let (mut len, mut shift, mut at) = (0usize, 0, 0);
+/// Append `n` as a LEB128 varint: the entries' key lengths and the packed profile form (whose first field,
+/// the id, is thereby its entry's key).
+pub fn put_uint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Read a varint written by `put_uint` at `*at`, moving `*at` past it.
+pub fn get_uint(raw: &[u8], at: &mut usize) -> u64 {
+    let (mut n, mut shift) = (0u64, 0);
     loop {
-        let b = entry[at];
-        at += 1;
-        len |= usize::from(b & 0x7F) << shift;
+        let b = raw[*at];
+        *at += 1;
+        n |= u64::from(b & 0x7F) << shift;
         if b < 0x80 {
-            return (at, at + len);
+            return n;
         }
         shift += 7;
     }
+}
+
+/// Where the key starts and ends in an entry.
+fn key_span(entry: &[u8]) -> (usize, usize) {
+    let mut at = 0;
+    let len = get_uint(entry, &mut at) as usize;
+    (at, at + len)
 }
 
 fn key_of(entry: &[u8]) -> &[u8] {
@@ -43,15 +60,15 @@ fn key_of(entry: &[u8]) -> &[u8] {
     &entry[start..end]
 }
 
+/// The value of an entry (what follows its key).
+pub fn value_of(entry: &[u8]) -> &[u8] {
+    &entry[key_span(entry).1..]
+}
+
 /// An entry: the key, length-prefixed, then `value`.
 pub fn entry(key: &str, value: &[u8]) -> Box<[u8]> {
     let mut out = Vec::with_capacity(key.len() + value.len() + 2);
-    let mut n = key.len();
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
+    put_uint(&mut out, key.len() as u64);
     out.extend_from_slice(key.as_bytes());
     out.extend_from_slice(value);
     out.into_boxed_slice()
@@ -85,7 +102,7 @@ impl Keyed {
 
     /// The value stored under `key` (the entry after its key).
     pub fn value(&self, key: &str) -> Option<&[u8]> {
-        self.get(key).map(|e| &e[key_span(e).1..])
+        self.get(key).map(value_of)
     }
 
     pub fn take(&mut self, key: &str) -> Option<Box<[u8]>> {

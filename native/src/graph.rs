@@ -16,7 +16,7 @@ use pyo3::types::{PyBytes, PyList};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use serde_json::{Map, Value};
 
-use crate::cache::{entry, Keyed, Symbols};
+use crate::cache::{entry, value_of, Keyed, Symbols};
 use crate::ids::{count_people, derive_profile_id_where, neighbour_code, people_code};
 use crate::rules::{contains, Ident, Rules};
 use crate::state::{bump, put_int, put_opt_str, put_str, put_strs, Profile, Rec, MERGED};
@@ -473,8 +473,9 @@ impl Graph {
             return Ok(Self::pid_of(pid));
         }
         if let Some(e) = self.i_old.take(key) {
+            let pid = Self::pid_of(value_of(&e));
             self.i_young.put(e);
-            return Ok(Self::pid_of(self.i_young.value(key).expect("just put")));
+            return Ok(pid);
         }
         let pid = if self.i_complete {
             Vec::new()
@@ -504,10 +505,10 @@ impl Graph {
     /// their size however many events a batch holds.
     fn rotate_profiles(&mut self) {
         let dropped = std::mem::replace(&mut self.p_old, std::mem::take(&mut self.p_young));
+        if self.dirty_p.is_empty() {
+            return; // right after a flush
+        }
         for (pid, _) in dropped {
-            if self.p_old.contains_key(&pid) {
-                continue;
-            }
             if let Some(p) = self.dirty_p.swap_remove(&pid) {
                 let q = p.borrow();
                 if self.cold_profiles > 0 {
@@ -648,10 +649,9 @@ impl Graph {
     ) -> PyResult<String> {
         let dec = self.decimal.bind(py);
         let base = dec.call1((held.unwrap_or("0"),))?;
-        base.call_method1("__add__", (amount,))?.str()?.extract()
+        base.add(amount)?.str()?.extract() // `+`, as Python sums
     }
 
-    /// `ProfileState.record_event`.
     /// `ProfileState.record_event`: the order's revenue sum first, so one that raises (decimal's Overflow)
     /// leaves the profile as it was.
     fn record_event(&self, py: Python<'_>, p: &mut Profile, ev: &Event) -> PyResult<()> {
@@ -689,7 +689,7 @@ impl Graph {
         p: &Profile,
         attrs: &Bound<'_, PyAny>,
     ) -> PyResult<Option<(String, String)>> {
-        let total = attrs.call_method1(pyo3::intern!(py, "get"), ("total",))?;
+        let total = attrs.call_method1(pyo3::intern!(py, "get"), (pyo3::intern!(py, "total"),))?;
         if total.is_none() {
             return Ok(None);
         }
@@ -706,7 +706,8 @@ impl Graph {
                 Err(e) => return Err(e),
             }
         };
-        let currency = attrs.call_method1(pyo3::intern!(py, "get"), ("currency",))?;
+        let currency =
+            attrs.call_method1(pyo3::intern!(py, "get"), (pyo3::intern!(py, "currency"),))?;
         let currency: String = if currency.is_truthy()? {
             currency.str()?.extract()?
         } else {

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::cache::Symbols;
+use crate::cache::{get_uint, put_uint, Symbols};
 
 pub const ACTIVE: &str = "active";
 pub const MERGED: &str = "merged";
@@ -504,12 +504,8 @@ struct Packer<'a> {
 }
 
 impl Packer<'_> {
-    fn uint(&mut self, mut n: u64) {
-        while n >= 0x80 {
-            self.out.push((n as u8) | 0x80);
-            n >>= 7;
-        }
-        self.out.push(n as u8);
+    fn uint(&mut self, n: u64) {
+        put_uint(&mut self.out, n);
     }
 
     fn int(&mut self, n: i64) {
@@ -567,17 +563,7 @@ struct Unpacker<'a> {
 
 impl Unpacker<'_> {
     fn uint(&mut self) -> u64 {
-        let mut n = 0u64;
-        let mut shift = 0;
-        loop {
-            let b = self.raw[self.at];
-            self.at += 1;
-            n |= u64::from(b & 0x7F) << shift;
-            if b < 0x80 {
-                return n;
-            }
-            shift += 7;
-        }
+        get_uint(self.raw, &mut self.at)
     }
 
     fn int(&mut self) -> i64 {
