@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar, Literal, Protocol
@@ -54,12 +54,14 @@ from streams.events import Identifier, NormalizedEvent
 from streams.produce import murmur2_partition
 
 __all__ = [
+    "DEFERRED_INFIX",
     "ENVELOPE_VERSION",
     "Apply",
     "Claim",
     "ClaimGeneric",
     "ClaimOk",
     "ClaimTaken",
+    "Deferred",
     "Effects",
     "Erase",
     "IdRow",
@@ -77,11 +79,13 @@ __all__ = [
     "Repoint",
     "Resolved",
     "Route",
+    "Row",
     "RowStore",
     "Split",
     "TableName",
     "decode_envelope",
     "decode_msg",
+    "deferred_key",
     "destination",
     "encode_envelopes",
     "encode_msg",
@@ -652,14 +656,19 @@ def decode_envelope(raw: bytes) -> list[Msg]:
 TableName = Literal["ids", "profiles"]
 
 
+# (table, key, value) of one changed row; a None value deletes it (a tombstone on the changelog)
+Row = tuple[TableName, bytes, bytes | None]
+
+
 class RowStore(Protocol):
     """Bytes rows of one partition: the Faust glue backs it with its tables, the simulator with dicts."""
 
     def get(self, table: TableName, key: bytes) -> bytes | None:
         """The committed-or-written value of a row, or None."""
 
-    def write(self, rows: Sequence[tuple[TableName, bytes, bytes]]) -> None:
-        """Write rows (table, key, value) together; never a delete: released registers and stubs stay."""
+    def write(self, rows: Sequence[Row]) -> None:
+        """Write rows together, deleting those whose value is None: only a deferred message's row is ever
+        deleted, once handled (released registers and stubs stay)."""
 
 
 class MemoryRowStore:
@@ -672,10 +681,13 @@ class MemoryRowStore:
         """Row value or None."""
         return self.rows[table].get(key)
 
-    def write(self, rows: Sequence[tuple[TableName, bytes, bytes]]) -> None:
-        """Write rows."""
+    def write(self, rows: Sequence[Row]) -> None:
+        """Write rows; delete those whose value is None."""
         for table, key, value in rows:
-            self.rows[table][key] = value
+            if value is None:
+                self.rows[table].pop(key, None)
+            else:
+                self.rows[table][key] = value
 
     def copy(self) -> MemoryRowStore:
         """Independent copy (values are immutable bytes)."""
@@ -703,11 +715,87 @@ class IdRow:
         return cls(d["p"], d["g"], d["nb"])
 
 
+DEFERRED_INFIX = b"/q/"
+
+
+def deferred_key(profile_id: str, seq: int) -> bytes:
+    """The row of a profile's deferred message number `seq`, beside the profile's row (ids have no `/`)."""
+    return b"%s%s%d" % (profile_id.encode(), DEFERRED_INFIX, seq)
+
+
+def _missing(ranges: range, held: range) -> Iterator[int]:
+    """The numbers of `ranges` outside `held` (both contiguous): at most a run below and a run above."""
+    yield from range(ranges.start, min(ranges.stop, held.start))
+    yield from range(max(ranges.start, held.stop), ranges.stop)
+
+
+class Deferred:
+    """A profile's deferred messages, FIFO (§5.3), numbered: the first waiting is number `head`.
+
+    Each message waits in a row of its own (`deferred_key`), written once and deleted once handled, so the
+    profile's row stays the size of its state however many events wait. Kept inline, a few events of up to
+    1 MiB deferred during one merge made a row past the changelog's 8 MiB, and every commit of the partition
+    failed again.
+    """
+
+    __slots__ = ("_msgs", "head", "stored")
+
+    def __init__(self, msgs: Iterable[Msg] = (), head: int = 0, stored: range = range(0)) -> None:
+        self._msgs: deque[Msg] = deque(msgs)
+        self.head = head
+        self.stored = stored  # the numbers the store holds rows for
+
+    def __len__(self) -> int:
+        return len(self._msgs)
+
+    def __iter__(self) -> Iterator[Msg]:
+        return iter(self._msgs)
+
+    def first(self) -> Msg:
+        """The message waiting longest."""
+        return self._msgs[0]
+
+    def append(self, m: Msg) -> None:
+        """Defer `m` behind the others."""
+        self._msgs.append(m)
+
+    def popleft(self) -> Msg:
+        """Take the message waiting longest."""
+        self.head += 1
+        return self._msgs.popleft()
+
+    def take_all(self) -> list[Msg]:
+        """Take every waiting message, in order."""
+        taken = list(self._msgs)
+        self._msgs.clear()
+        self.head += len(taken)
+        return taken
+
+    def changed_rows(self, profile_id: str) -> list[Row]:
+        """The message rows to write since `mark_stored`: new messages, and a delete for each one handled."""
+        if not self._msgs and not self.stored:
+            return []  # nearly every profile: no message waits, none did
+        waiting = range(self.head, self.head + len(self._msgs))
+        rows: list[Row] = [
+            ("profiles", deferred_key(profile_id, n), None) for n in _missing(self.stored, waiting)
+        ]
+        rows.extend(
+            ("profiles", deferred_key(profile_id, n), encode_msg(self._msgs[n - self.head]))
+            for n in _missing(waiting, self.stored)
+        )
+        return rows
+
+    def mark_stored(self) -> None:
+        """The store now holds exactly the waiting messages' rows (`changed_rows` were written)."""
+        if self._msgs or self.stored:
+            self.stored = range(self.head, self.head + len(self._msgs))
+
+
 class ProfileRow:
-    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred queue `q`, `ak`:
-    event id → the profiles it asked to merge with for it, kept while the event has claims in flight, and
-    `mv`: identifier → the profile a split moved it to (an erase that reaches P by a register not yet
-    reassigned follows it there)."""
+    """A profile's row: the core's state plus lock `lk`, claims in flight `cl`, deferred messages `q` (in
+    rows of their own: the row keeps their numbers `qh`, `qn`), `ak`: event id → the profiles it asked to
+    merge with for it, kept while the event has claims in flight, and `mv`: identifier → the profile a split
+    moved it to (an erase that reaches P by a register not yet reassigned follows it there)."""
 
     __slots__ = ("ak", "cl", "lk", "mv", "q", "state")
 
@@ -716,26 +804,28 @@ class ProfileRow:
         state: ProfileState,
         lk: str | None = None,
         cl: dict[str, IdentRecord] | None = None,
-        q: list[Msg] | None = None,
+        q: Deferred | None = None,
         ak: dict[str, list[str]] | None = None,
         mv: dict[str, str] | None = None,
     ) -> None:
         self.state = state
         self.lk = lk
         self.cl: dict[str, IdentRecord] = cl if cl is not None else {}
-        self.q: list[Msg] = q if q is not None else []
+        self.q = q if q is not None else Deferred()
         self.ak: dict[str, list[str]] = ak if ak is not None else {}
         self.mv: dict[str, str] = mv if mv is not None else {}
 
     def encode(self) -> bytes:
-        """`ProfileState.to_dict()` plus the protocol fields (only when set)."""
+        """`ProfileState.to_dict()` plus the protocol fields (only when set); the deferred messages' own
+        rows come from `q.changed_rows`."""
         d = self.state.to_dict()
         if self.lk is not None:
             d["lk"] = self.lk
         if self.cl:
             d["cl"] = self.cl
         if self.q:
-            d["q"] = [_to_obj(m) for m in self.q]
+            d["qh"] = self.q.head
+            d["qn"] = len(self.q)
         if self.ak:
             d["ak"] = self.ak
         if self.mv:
@@ -743,15 +833,30 @@ class ProfileRow:
         return orjson.dumps(d, default=_default)
 
     @classmethod
-    def decode(cls, raw: bytes) -> ProfileRow:
-        """Inverse of `encode`."""
+    def decode(cls, raw: bytes, read: Callable[[bytes], bytes | None] | None = None) -> ProfileRow:
+        """Inverse of `encode`; `read` gets the deferred messages' rows from the profile's table."""
         d = orjson.loads(raw)
         lk = d.pop("lk", None)
         cl = d.pop("cl", None)
-        q = [_from_obj(m) for m in d.pop("q", ())]
         ak = d.pop("ak", None)
         mv = d.pop("mv", None)
-        return cls(ProfileState.from_dict(d), lk, cl, q, ak, mv)
+        head, count = d.pop("qh", 0), d.pop("qn", 0)
+        # 0.4.1 and older kept the messages inline: they move to rows of their own at the row's next write
+        q = Deferred(_from_obj(m) for m in d.pop("q", ()))
+        state = ProfileState.from_dict(d)
+        if count:
+            if read is None:
+                raise ValueError(f"profile {state.id} has {count} deferred messages: decode it with `read`")
+            waiting = range(head, head + count)
+            q = Deferred((decode_msg(_deferred_row(read, state.id, n)) for n in waiting), head, waiting)
+        return cls(state, lk, cl, q, ak, mv)
+
+
+def _deferred_row(read: Callable[[bytes], bytes | None], profile_id: str, seq: int) -> bytes:
+    raw = read(deferred_key(profile_id, seq))
+    if raw is None:
+        raise ValueError(f"profile {profile_id}: deferred message {seq} has no row")
+    return raw
 
 
 class PartitionState:
@@ -816,7 +921,7 @@ class PartitionState:
                 raw = self.store.get("profiles", pid.encode())
                 if raw is None:
                     return None
-                row = ProfileRow.decode(raw)
+                row = ProfileRow.decode(raw, self._read_profiles)
             self._p_young[pid] = row
         return row
 
@@ -826,13 +931,18 @@ class PartitionState:
         self._p_young[pid] = row
         self._dirty_p[pid] = row
 
-    def flush(self) -> list[tuple[TableName, bytes, bytes]]:
+    def _read_profiles(self, key: bytes) -> bytes | None:
+        return self.store.get("profiles", key)
+
+    def flush(self) -> list[Row]:
         """Write each changed row once to the store; return them (table, key, value) for the changelog."""
-        out: list[tuple[TableName, bytes, bytes]] = [
-            ("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()
-        ]
-        out.extend(("profiles", pid.encode(), r.encode()) for pid, r in self._dirty_p.items())
+        out: list[Row] = [("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()]
+        for pid, r in self._dirty_p.items():
+            out.append(("profiles", pid.encode(), r.encode()))
+            out.extend(r.q.changed_rows(pid))
         self.store.write(out)
+        for r in self._dirty_p.values():
+            r.q.mark_stored()
         self._dirty_ids.clear()
         self._dirty_p.clear()
         if len(self._p_young) > self._cache_rows:
@@ -1185,13 +1295,13 @@ def _at_profile(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
 
 def _drain(ctx: _Ctx, row: ProfileRow) -> None:
     """Re-process deferred messages in order while nothing blocks the head (a lock, a merge behind claims)."""
-    while row.q and row.state.status == ACTIVE and not _must_defer(row, row.q[0], from_queue=True):
-        m = row.q.pop(0)
+    while row.q and row.state.status == ACTIVE and not _must_defer(row, row.q.first(), from_queue=True):
+        m = row.q.popleft()
         ctx.st.put_profile(row)
         _dispatch(ctx, m, from_queue=True)
     if row.q and row.state.status != ACTIVE:
         # erased (or merged) meanwhile: whatever waited follows §3 from here
-        pending, row.q = row.q, []
+        pending = row.q.take_all()
         ctx.st.put_profile(row)
         for m in pending:
             ctx.send(m)
@@ -1584,8 +1694,7 @@ def _merge_done(ctx: _Ctx, row: ProfileRow, m: MergeDone) -> None:
     ctx.touched(row)  # snapshot → tombstone
     for key in moved:
         ctx.send(Repoint(key, p.id, m.winner))
-    pending, row.q = row.q, []
-    for deferred in pending:
+    for deferred in row.q.take_all():
         _forward(ctx, row, deferred)
 
 

@@ -39,7 +39,7 @@ from rocksdict import WriteBatch
 
 from streams import metrics
 from streams.app.fetch import Inbox, Record, in_time_order, install_bulk_fetch
-from streams.app.protocol import Effects, PartitionState, TableName
+from streams.app.protocol import Effects, PartitionState, Row, TableName
 from streams.app.restore import (
     ChangelogRestorer,
     confine_faust_recovery_to_standbys,
@@ -88,14 +88,17 @@ class _TableRows:
         value = self.database(table).get(key)
         return None if value is None else bytes(value)
 
-    def write(self, rows: Sequence[tuple[TableName, bytes, bytes]]) -> None:
+    def write(self, rows: Sequence[Row]) -> None:
         """One RocksDB write batch per table: a put per row cost more than encoding the row."""
         batches: dict[TableName, WriteBatch] = {}
         for table, key, value in rows:
             batch = batches.get(table)
             if batch is None:
                 batch = batches[table] = WriteBatch(raw_mode=True)
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
         for table, batch in batches.items():
             self.database(table).write(batch)
 

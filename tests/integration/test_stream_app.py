@@ -14,11 +14,12 @@ import orjson
 from confluent_kafka import Producer
 from rocksdict import AccessType, Options, Rdict
 
-from streams.app.protocol import part
+from streams.app.protocol import MergeAsk, MergeNo, deferred_key, encode_envelopes, home, part
 from streams.app.restore import RESTORED_OFFSET_KEY
 from streams.app.topics import create_topics
 from streams.config import AppSettings
 from streams.evaluate import assignments_from_resolved, read_topic_to_end
+from streams.events import Identifier
 from streams.topic_reader import read_to_end as read_topic
 from tests.integration.workers import ROOT, Worker, topic_values, wait_for
 
@@ -301,6 +302,73 @@ def test_large_events_and_a_foreign_internal_record_never_stop_the_worker(
         if line.startswith("omnistitch_record_wait_seconds_count")
     }
     assert counts['input="raw"'] >= 300 and counts['input="internal"'] >= 2
+
+
+def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive_a_restart(
+    start_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    """Eight events of 600 KB for a profile locked for a merge. 0.4.1 kept deferred events in the profile's
+    row: past the changelog's 8 MiB, so the batch's commit failed on every restart. The lock is made by hand,
+    a `MergeAsk` towards a profile id nobody has, so the merge never ends until the test sends the refusal,
+    to a second worker that restored everything from the changelogs into an empty data dir."""
+    run = uuid.uuid4().hex[:10]
+    worker = start_worker()
+    cookie = f"ck-{run}"
+    internal, changelog = f"{worker.app_id}-internal", f"{worker.app_id}-profiles-changelog"
+
+    def event(n: int, note: str = "") -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "event_id": f"{run}-{n}",
+            "source": "web",
+            "channel": "site",
+            "type": "page_view",
+            "occurred_at": "2026-11-24T09:12:00+03:00",
+            "identifiers": [{"type": "cookie_id", "value": cookie}],
+            "attributes": {"url": "https://shop.ru/menu", "note": note},
+        }
+
+    pid = _resolve_all(kafka_bootstrap, [event(0)])[f"{run}-0"]["profile_id"]
+    nobody = "0" * 26
+    ask = MergeAsk(pid, nobody, (Identifier("cookie_id", cookie, False),), (), f"{run}-ask", 1, False)
+    (envelope,) = encode_envelopes([ask])
+    _send_to(kafka_bootstrap, internal, home(pid, 8), envelope)
+
+    def profile_rows() -> dict[bytes, bytes | None]:
+        return {m.key() or b"": m.value() for m in read_topic(kafka_bootstrap, changelog)}
+
+    wait_for("the lock", lambda: b'"lk":"%s"' % nobody.encode() in (profile_rows().get(pid.encode()) or b""))
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4_000_000})
+    for n in range(1, 9):
+        producer.produce("raw.web", value=orjson.dumps(event(n, "x" * 600_000)))
+    assert producer.flush(30) == 0
+    waiting = [deferred_key(pid, n) for n in range(8)]
+    wait_for("eight deferred rows", lambda: all(profile_rows().get(key) for key in waiting), timeout=120)
+    assert max(len(value or b"") for value in profile_rows().values()) < 2 * 1024 * 1024
+    assert worker.proc.poll() is None
+    worker.stop()
+
+    again = start_worker(app_id=worker.app_id)
+    _send_to(kafka_bootstrap, internal, home(pid, 8), encode_envelopes([MergeNo(pid, nobody)])[0])
+
+    def resolved() -> list[tuple[str, str]] | None:
+        ours = [
+            (v["event_id"], v["profile_id"])
+            for _, v in topic_values(kafka_bootstrap, "events.resolved")
+            if v and v["event_id"].startswith(run)
+        ]
+        return ours if len(ours) >= 9 else None
+
+    got = wait_for("the deferred events resolved", resolved, timeout=120)
+    assert sorted(got) == sorted((f"{run}-{n}", pid) for n in range(9))  # each once, in the profile
+    wait_for("their rows deleted", lambda: all(profile_rows().get(key, b"") is None for key in waiting))
+    assert again.proc.poll() is None
+
+
+def _send_to(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, key=str(partition).encode(), value=value, partition=partition)
+    assert producer.flush(30) == 0
 
 
 def test_an_operator_splits_kolyas_profile_in_the_running_stream(

@@ -23,6 +23,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from streams.app.protocol import (
+    DEFERRED_INFIX,
     Effects,
     IdRow,
     MemoryRowStore,
@@ -53,6 +54,7 @@ class Final:
 
     ids: dict[str, IdRow] = field(default_factory=dict)
     profiles: dict[str, ProfileRow] = field(default_factory=dict)
+    deferred_rows: int = 0  # rows of deferred messages (each profile's are read into its `q`, too)
 
     def resolve(self, pid: str | None) -> str | None:
         """Follow stubs to the live profile; None for no profile, erased or unknown."""
@@ -195,6 +197,10 @@ class Sim:
         for store in self.committed:
             for key, raw in store.rows["ids"].items():
                 out.ids[key.decode()] = IdRow.decode(raw)
-            for key, raw in store.rows["profiles"].items():
-                out.profiles[key.decode()] = ProfileRow.decode(raw)
+            rows = store.rows["profiles"]
+            for key, raw in rows.items():
+                if DEFERRED_INFIX in key:
+                    out.deferred_rows += 1
+                else:
+                    out.profiles[key.decode()] = ProfileRow.decode(raw, rows.get)
         return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from streams.app.protocol import (
     ClaimOk,
     ClaimTaken,
     Erase,
+    MemoryRowStore,
     MergeAsk,
     MergeDone,
     MergeNo,
@@ -39,6 +41,7 @@ from streams.app.protocol import (
     decode_msg,
     encode_envelopes,
     encode_msg,
+    handle,
     home,
     ingest,
     new_profile_id,
@@ -74,6 +77,7 @@ def assert_quiescent(final: Final) -> None:
         assert not row.cl, f"{pid} still has claims in flight"
         assert not row.q, f"{pid} still has deferred messages"
         assert not row.ak, f"{pid} still remembers merge asks of answered claims"
+    assert not final.deferred_rows, "rows of handled deferred messages are left"
 
 
 def assert_registers_agree(final: Final) -> dict[str, str]:
@@ -804,14 +808,93 @@ def test_profile_row_keeps_protocol_fields() -> None:
     row.lk = "Z"
     row.q.append(MergeNo("a", "b"))
     row.ak = {"ev-9": ["L"]}
-    back = ProfileRow.decode(row.encode())
-    assert back.lk == "Z" and back.q == [MergeNo("a", "b")] and set(back.state.ids) == set(row.state.ids)
+    rows = {key: value for _, key, value in row.q.changed_rows(pid) if value is not None}
+    back = ProfileRow.decode(row.encode(), rows.get)
+    assert (
+        back.lk == "Z" and list(back.q) == [MergeNo("a", "b")] and set(back.state.ids) == set(row.state.ids)
+    )
     assert back.ak == {"ev-9": ["L"]} and ProfileRow.decode(ProfileRow(row.state).encode()).ak == {}
+    nothing: dict[bytes, bytes] = {}
+    with pytest.raises(ValueError, match="deferred message 0 has no row"):
+        ProfileRow.decode(row.encode(), nothing.get)
     assert ordered_keys(_ev("x", "cookie_id:1", "phone:+7", "customer_id:c"), load_rules()) == (
         "customer_id:c",
         "phone:+7",
         "cookie_id:1",
     )
+
+
+NOBODY = "0" * 26  # sorts before every profile id; no profile has it, so a merge offered to it never ends
+
+
+def _locked_with_large_events_waiting(events: int) -> tuple[MemoryRowStore, str, list[str]]:
+    """One partition whose profile P was asked to merge into NOBODY (so it stays locked), then got `events`
+    events of about 700 KB each, every one deferred; what it committed, P, and the events' ids."""
+    store = MemoryRowStore()
+    st = PartitionState(0, 1, load_rules(), store)
+    fx = ingest(st, _ev("first", "cookie_id:big", at=1))
+    (pid,) = {r.profile_id for r in fx.resolved}
+    assert pid is not None and pid > NOBODY
+    side = (Identifier("cookie_id", "big", False),)
+    fx = handle(st, MergeAsk(pid, NOBODY, side, (), "ask", 2, False))
+    assert fx.dropped["unknown_profile"] == 1  # the offer reached no profile: P waits, locked
+    ids = [f"large-{n}" for n in range(events)]
+    for n, ev_id in enumerate(ids):
+        big = dataclasses.replace(_ev(ev_id, "cookie_id:big", at=10 + n), attributes={"note": "x" * 700_000})
+        assert not ingest(st, big).resolved  # deferred
+    store.write(st.flush())
+    return store, pid, ids
+
+
+@pytest.mark.parametrize("reply", ["refused", "merged"])
+def test_deferred_events_wait_in_rows_of_their_own_and_no_row_outgrows_the_changelog(reply: str) -> None:
+    """Events of up to 1 MiB deferred while their profile is locked for a merge: 0.4.1 kept them in the
+    profile's row, which passed the changelog's 8 MiB after a few, and every commit of the partition failed
+    again. Each now waits in its own row; a fresh state over the committed rows (a restart) reads them back
+    in order; the reply hands them on and deletes their rows."""
+    store, pid, ids = _locked_with_large_events_waiting(12)
+    rows = store.rows["profiles"]
+    assert sum(len(v) for v in rows.values()) > 8 * 1024 * 1024  # as one row: past the changelog's limit
+    assert max(len(v) for v in rows.values()) < 1024 * 1024
+    assert len(rows[pid.encode()]) < 4096
+
+    restarted = PartitionState(0, 1, load_rules(), store)
+    row = restarted.get_profile(pid)
+    assert row is not None and row.lk == NOBODY
+    assert [m.ev.event_id for m in row.q if isinstance(m, Apply)] == ids
+    reply_msg = MergeNo(pid, NOBODY) if reply == "refused" else MergeDone(pid, NOBODY)
+    fx = handle(restarted, reply_msg)
+    if reply == "refused":  # unlocked: applied to P, in the order they came
+        assert [(r.event.event_id, r.profile_id) for r in fx.resolved] == [(ev_id, pid) for ev_id in ids]
+    else:  # merged away: forwarded to the winner (which does not exist here, so they start a profile)
+        assert [r.event.event_id for r in fx.resolved] == ids
+    written = restarted.flush()
+    deleted = [key for table, key, value in written if value is None]
+    assert sorted(deleted) == sorted(f"{pid}/q/{n}".encode() for n in range(12))
+    store.write(written)
+    assert not [key for key in store.rows["profiles"] if b"/q/" in key]
+    assert b'"qn"' not in store.rows["profiles"][pid.encode()]
+
+
+def test_a_profile_row_with_its_deferred_messages_inline_as_041_wrote_it_still_reads() -> None:
+    """0.4.1 kept deferred messages in the row as `q`; they move to rows of their own at its next write."""
+    store, pid, ids = _locked_with_large_events_waiting(2)
+    rows = store.rows["profiles"]
+    row = PartitionState(0, 1, load_rules(), store).get_profile(pid)
+    assert row is not None
+    old = orjson.loads(row.encode())
+    del old["qh"], old["qn"]
+    old["q"] = [orjson.loads(encode_msg(m)) for m in row.q]
+    store = MemoryRowStore({"ids": store.rows["ids"], "profiles": {pid.encode(): orjson.dumps(old)}})
+    st = PartitionState(0, 1, load_rules(), store)
+    inline = st.get_profile(pid)
+    assert inline is not None and [m.ev.event_id for m in inline.q if isinstance(m, Apply)] == ids
+    st.put_profile(inline)
+    store.write(st.flush())
+    assert store.rows["profiles"].keys() == rows.keys()
+    assert b'"q"' not in store.rows["profiles"][pid.encode()]
+    fx = handle(PartitionState(0, 1, load_rules(), store), MergeNo(pid, NOBODY))
+    assert [r.event.event_id for r in fx.resolved] == ids
 
 
 # --- agreement with the single-process core on a simulated population --------------------------------------
