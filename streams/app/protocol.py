@@ -56,6 +56,7 @@ from streams.produce import murmur2_partition
 __all__ = [
     "DEFERRED_INFIX",
     "ENVELOPE_VERSION",
+    "HOLDERS_PREFIX",
     "Apply",
     "Claim",
     "ClaimGeneric",
@@ -64,6 +65,7 @@ __all__ = [
     "Deferred",
     "Effects",
     "Erase",
+    "Forget",
     "IdRow",
     "MemoryRowStore",
     "MergeAsk",
@@ -90,6 +92,7 @@ __all__ = [
     "encode_envelopes",
     "encode_msg",
     "handle",
+    "holders_key",
     "home",
     "ingest",
     "new_profile_id",
@@ -363,6 +366,16 @@ class Reassign:
     srcs: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """At `partition` (an erase sends one to each): drop the erased identifiers' neighbour `codes` from the
+    registers there that hold them, found by the partition's holders index (§7), as the core's `n:` index."""
+
+    TAG: ClassVar[int] = 17
+    partition: int
+    codes: tuple[int, ...]
+
+
 Msg = (
     Route
     | Apply
@@ -380,6 +393,7 @@ Msg = (
     | WeakSeen
     | Split
     | Reassign
+    | Forget
 )
 
 
@@ -406,6 +420,7 @@ _DESTINATIONS: dict[type, Callable[[Any, int], int]] = {
     WeakSeen: lambda m, n: part(m.key, n),
     Split: lambda m, n: home(m.pid, n),
     Reassign: lambda m, n: part(m.key, n),
+    Forget: lambda m, n: m.partition,
 }
 
 
@@ -539,6 +554,8 @@ def _to_obj(m: Msg) -> list[Any]:
             return [m.TAG, m.pid, list(m.keys), m.reason, m.at, m.request]
         case Reassign():
             return [m.TAG, m.key, m.dst, list(m.srcs)]
+        case Forget():
+            return [m.TAG, m.partition, list(m.codes)]
 
 
 def _from_obj(d: list[Any]) -> Msg:
@@ -580,6 +597,8 @@ def _from_obj(d: list[Any]) -> Msg:
         return Split(d[1], tuple(d[2]), d[3], d[4], d[5])
     if tag == Reassign.TAG:
         return Reassign(d[1], d[2], tuple(d[3]))
+    if tag == Forget.TAG:
+        return Forget(d[1], tuple(d[2]))
     raise ValueError(f"unknown protocol message tag {tag!r}")
 
 
@@ -716,6 +735,12 @@ class IdRow:
 
 
 DEFERRED_INFIX = b"/q/"
+HOLDERS_PREFIX = b"/nb/"
+
+
+def holders_key(code: int) -> bytes:
+    """The `ids` row listing the identifiers whose registers hold neighbour `code` (keys have no `/`)."""
+    return b"%s%d" % (HOLDERS_PREFIX, code)
 
 
 def deferred_key(profile_id: str, seq: int) -> bytes:
@@ -891,6 +916,8 @@ class PartitionState:
         self._p_old: dict[str, ProfileRow] = {}
         self._dirty_ids: dict[str, IdRow] = {}
         self._dirty_p: dict[str, ProfileRow] = {}
+        self._holders: dict[int, list[str]] = {}
+        self._dirty_holders: dict[int, list[str]] = {}
 
     # --- row interface ---------------------------------------------------------------------------------
 
@@ -934,9 +961,26 @@ class PartitionState:
     def _read_profiles(self, key: bytes) -> bytes | None:
         return self.store.get("profiles", key)
 
+    def holders(self, code: int) -> list[str]:
+        """The identifiers whose registers here hold neighbour `code`: how an erase finds them (§7)."""
+        keys = self._holders.get(code)
+        if keys is None:
+            raw = self.store.get("ids", holders_key(code))
+            keys = self._holders[code] = [] if raw is None else orjson.loads(raw)
+        return keys
+
+    def put_holders(self, code: int, keys: list[str]) -> None:
+        """Mark the holders of `code` changed; none deletes the row at the next flush."""
+        self._holders[code] = keys
+        self._dirty_holders[code] = keys
+
     def flush(self) -> list[Row]:
         """Write each changed row once to the store; return them (table, key, value) for the changelog."""
         out: list[Row] = [("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()]
+        out.extend(
+            ("ids", holders_key(code), orjson.dumps(keys) if keys else None)
+            for code, keys in self._dirty_holders.items()
+        )
         for pid, r in self._dirty_p.items():
             out.append(("profiles", pid.encode(), r.encode()))
             out.extend(r.q.changed_rows(pid))
@@ -945,6 +989,9 @@ class PartitionState:
             r.q.mark_stored()
         self._dirty_ids.clear()
         self._dirty_p.clear()
+        self._dirty_holders.clear()
+        if len(self._holders) > 4 * self._cache_rows:
+            self._holders = {}
         if len(self._p_young) > self._cache_rows:
             self._p_old, self._p_young = self._p_young, {}
         if len(self._ids_young) > 4 * self._cache_rows:
@@ -954,7 +1001,7 @@ class PartitionState:
     @property
     def dirty(self) -> bool:
         """Whether rows changed since the last flush."""
-        return bool(self._dirty_ids or self._dirty_p)
+        return bool(self._dirty_ids or self._dirty_p or self._dirty_holders)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1081,6 +1128,8 @@ def _dispatch(ctx: _Ctx, m: Msg, *, from_queue: bool) -> None:
             _erase_register(ctx, m)
         case WeakSeen():
             _weak_seen(ctx, m)
+        case Forget():
+            _forget(ctx, m)
         case _:
             _at_profile(ctx, m, from_queue=from_queue)
 
@@ -1157,6 +1206,9 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
             code = neighbour_code(other)
             if code not in nb:
                 nb.append(code)
+                holders = st.holders(code)
+                holders.append(key)
+                st.put_holders(code, holders)
                 changed = True
             tag = code >> 32
             if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
@@ -1185,7 +1237,7 @@ def _release(ctx: _Ctx, m: Release) -> None:
         row.p = None
         if m.erase:
             row.g = False
-            row.nb = []
+            _drop_neighbours(ctx.st, m.key, row)
         ctx.st.put_id(m.key, row)
 
 
@@ -1210,10 +1262,43 @@ def _erase_register(ctx: _Ctx, m: Erase) -> None:
     if row is None:
         return
     owner = row.p
-    row.p, row.g, row.nb = None, False, []
+    row.p, row.g = None, False
+    _drop_neighbours(ctx.st, m.key, row)
     ctx.st.put_id(m.key, row)
+    _forget_everywhere(ctx, (m.key,))
     if owner is not None:
         ctx.send(Erase(m.key, owner, m.ev_id, m.at))
+
+
+def _drop_neighbours(st: PartitionState, key: str, row: IdRow) -> None:
+    """An erased register forgets whom it was seen with, and leaves the holders index of each."""
+    for code in row.nb:
+        holders = st.holders(code)
+        if key in holders:  # people codes (§5.4), and registers of 0.4.1 and older, are not in the index
+            holders.remove(key)
+            st.put_holders(code, holders)
+    row.nb = []
+
+
+def _forget_everywhere(ctx: _Ctx, keys: Iterable[str]) -> None:
+    """§7: every partition drops erased identifiers' codes from the registers that were seen with them."""
+    codes = tuple(neighbour_code(key) for key in keys)
+    for dest in range(ctx.st.n):
+        ctx.send(Forget(dest, codes))
+
+
+def _forget(ctx: _Ctx, m: Forget) -> None:
+    st = ctx.st
+    for code in m.codes:
+        holders = st.holders(code)
+        if not holders:
+            continue
+        for key in holders:
+            row = st.get_id(key)
+            if row is not None and code in row.nb:
+                row.nb.remove(code)
+                st.put_id(key, row)
+        st.put_holders(code, [])
 
 
 # --- profiles --------------------------------------------------------------------------------------------
@@ -1775,3 +1860,4 @@ def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:
     ctx.touched(row)
     for key in keys:
         ctx.send(Release(key, p.id, True))
+    _forget_everywhere(ctx, keys)

@@ -22,8 +22,11 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+import orjson
+
 from streams.app.protocol import (
     DEFERRED_INFIX,
+    HOLDERS_PREFIX,
     Effects,
     IdRow,
     MemoryRowStore,
@@ -52,9 +55,12 @@ class SimStuck(AssertionError):
 class Final:
     """The committed end state of every partition, decoded."""
 
+    n: int  # partitions
     ids: dict[str, IdRow] = field(default_factory=dict)
     profiles: dict[str, ProfileRow] = field(default_factory=dict)
     deferred_rows: int = 0  # rows of deferred messages (each profile's are read into its `q`, too)
+    # (partition, neighbour code) → the identifiers whose registers there hold it (the erase's index, §7)
+    holders: dict[tuple[int, int], list[str]] = field(default_factory=dict)
 
     def resolve(self, pid: str | None) -> str | None:
         """Follow stubs to the live profile; None for no profile, erased or unknown."""
@@ -193,10 +199,13 @@ class Sim:
 
     def final(self) -> Final:
         """Decode every committed row of every partition."""
-        out = Final()
-        for store in self.committed:
+        out = Final(self.n)
+        for partition, store in enumerate(self.committed):
             for key, raw in store.rows["ids"].items():
-                out.ids[key.decode()] = IdRow.decode(raw)
+                if key.startswith(HOLDERS_PREFIX):
+                    out.holders[(partition, int(key[len(HOLDERS_PREFIX) :]))] = orjson.loads(raw)
+                else:
+                    out.ids[key.decode()] = IdRow.decode(raw)
             rows = store.rows["profiles"]
             for key, raw in rows.items():
                 if DEFERRED_INFIX in key:

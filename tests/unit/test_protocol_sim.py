@@ -49,7 +49,7 @@ from streams.app.protocol import (
     part,
 )
 from streams.core import ChangeKind, IdentityChange, IdentityGraph, ProfileState, Rules, load_rules
-from streams.core.state import ACTIVE, R_FIRST
+from streams.core.state import ACTIVE, R_FIRST, count_people, neighbour_code
 from streams.events import Identifier, NormalizedEvent
 from tests.unit.core_helpers import event_specs, events_from_specs
 from tests.unit.protocol_sim import Final, Sim
@@ -78,6 +78,17 @@ def assert_quiescent(final: Final) -> None:
         assert not row.q, f"{pid} still has deferred messages"
         assert not row.ak, f"{pid} still remembers merge asks of answered claims"
     assert not final.deferred_rows, "rows of handled deferred messages are left"
+    assert_holders_index_exact(final)
+
+
+def assert_holders_index_exact(final: Final) -> None:
+    """Each identifier's neighbour code in a register is in its partition's holders index, and no more."""
+    indexed = {(code, key) for (_, code), keys in final.holders.items() for key in keys}
+    assert all(final.holders.values()), "an empty holders row is left"
+    held = {(code, key) for key, row in final.ids.items() for code in row.nb if not count_people([code])}
+    assert indexed == held
+    for (partition, _), keys in final.holders.items():
+        assert all(part(key, final.n) == partition for key in keys)
 
 
 def assert_registers_agree(final: Final) -> dict[str, str]:
@@ -635,6 +646,27 @@ def test_erase_wipes_profile_and_releases_registers() -> None:
     assert [set(p.ids) for p in final.live().values()] == [{"cookie_id:k"}]
 
 
+def test_an_erased_value_seen_again_is_not_corroborated_by_its_erased_past() -> None:
+    """As in the core: erased means never seen, so the e-mail's register forgets the phone, and the same
+    bridge is refused again (0.4.1 kept the phone's code there, and merged)."""
+    bob, phone = "email:bob@x.ru", "phone:+79160000001"
+    first = [_ev("1", phone, at=1_000), _ev("2", bob, at=2_000)]
+    seen = _ev("3", phone, bob, at=3_000)  # refused, but now seen together
+    erase, back = _ev("e", phone, at=3_500, etype="erase"), _ev("4", phone, at=4_000)
+    again = _ev("5", phone, bob, at=5_000)
+    for events in ([*first, again], [*first, seen, erase, back, again]):
+        core = IdentityGraph(rules=load_rules())
+        kinds = [[c.kind.value for c in core.link(ev).changes] for ev in events][-1]
+        assert kinds == ["merge_refused"]
+        for sim, _ in _one_event_at_a_time(events):
+            last = [c.kind.value for c in sim.changes if c.event_id == "5"]
+            assert last == kinds, (sim.n, last)
+    code = neighbour_code(phone)
+    for _, final in _one_event_at_a_time([*first, seen, erase, back]):
+        assert not [key for key, row in final.ids.items() if code in row.nb]
+        assert not [k for (_, c), keys in final.holders.items() for k in keys if c == code or k == phone]
+
+
 def test_kolya_story_converges_to_one_profile() -> None:
     events = [
         _ev("1", "cookie_id:web1", at=1),
@@ -754,6 +786,7 @@ def test_messages_round_trip_through_bytes() -> None:
         WeakSeen("device_id:d", "Q", "P", "e1", 5),
         protocol.Split("P", ("phone:+71", "email:a@b.c"), "two people", 6, "split-1"),
         protocol.Reassign("phone:+71", "N", ("P", "Q")),
+        protocol.Forget(3, (neighbour_code("phone:+71"), neighbour_code("email:a@b.c"))),
     ]
     for m in msgs:
         back = decode_msg(encode_msg(m))
