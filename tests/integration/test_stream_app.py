@@ -262,16 +262,7 @@ def test_large_events_and_a_foreign_internal_record_never_stop_the_worker(
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 50})
     producer.produce(f"{app_id}-internal", value=b"not an envelope " + run.encode(), partition=away)
     for n in range(300):
-        event = {
-            "schema_version": 1,
-            "event_id": f"{run}-{n}",
-            "source": "web",
-            "channel": "site",
-            "type": "page_view",
-            "occurred_at": "2026-11-24T09:12:00+03:00",
-            "identifiers": [{"type": "cookie_id", "value": cookie}],
-            "attributes": {"url": "https://shop.ru/menu", "note": "x" * 30_000},
-        }
+        event = _page_view(f"{run}-{n}", cookie, "x" * 30_000)
         producer.produce("raw.web", value=orjson.dumps(event), partition=away)
     assert producer.flush(30) == 0
     worker = start_worker(app_id)
@@ -315,20 +306,7 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     worker = start_worker()
     cookie = f"ck-{run}"
     internal, changelog = f"{worker.app_id}-internal", f"{worker.app_id}-profiles-changelog"
-
-    def event(n: int, note: str = "") -> dict[str, Any]:
-        return {
-            "schema_version": 1,
-            "event_id": f"{run}-{n}",
-            "source": "web",
-            "channel": "site",
-            "type": "page_view",
-            "occurred_at": "2026-11-24T09:12:00+03:00",
-            "identifiers": [{"type": "cookie_id", "value": cookie}],
-            "attributes": {"url": "https://shop.ru/menu", "note": note},
-        }
-
-    pid = _resolve_all(kafka_bootstrap, [event(0)])[f"{run}-0"]["profile_id"]
+    pid = _resolve_all(kafka_bootstrap, [_page_view(f"{run}-0", cookie)])[f"{run}-0"]["profile_id"]
     nobody = "0" * 26
     ask = MergeAsk(pid, nobody, (Identifier("cookie_id", cookie, False),), (), f"{run}-ask", 1, False)
     (envelope,) = encode_envelopes([ask])
@@ -340,7 +318,7 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     wait_for("the lock", lambda: b'"lk":"%s"' % nobody.encode() in (profile_rows().get(pid.encode()) or b""))
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4_000_000})
     for n in range(1, 9):
-        producer.produce("raw.web", value=orjson.dumps(event(n, "x" * 600_000)))
+        producer.produce("raw.web", value=orjson.dumps(_page_view(f"{run}-{n}", cookie, "x" * 600_000)))
     assert producer.flush(30) == 0
     waiting = [deferred_key(pid, n) for n in range(8)]
     wait_for("eight deferred rows", lambda: all(profile_rows().get(key) for key in waiting), timeout=120)
@@ -363,6 +341,20 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     assert sorted(got) == sorted((f"{run}-{n}", pid) for n in range(9))  # each once, in the profile
     wait_for("their rows deleted", lambda: all(profile_rows().get(key, b"") is None for key in waiting))
     assert again.proc.poll() is None
+
+
+def _page_view(event_id: str, cookie: str, note: str = "") -> dict[str, Any]:
+    """A page view of one cookie; `note` makes it as large as a test needs."""
+    return {
+        "schema_version": 1,
+        "event_id": event_id,
+        "source": "web",
+        "channel": "site",
+        "type": "page_view",
+        "occurred_at": "2026-11-24T09:12:00+03:00",
+        "identifiers": [{"type": "cookie_id", "value": cookie}],
+        "attributes": {"url": "https://shop.ru/menu", "note": note},
+    }
 
 
 def _send_to(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
