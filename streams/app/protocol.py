@@ -47,6 +47,7 @@ from streams.core.state import (
     R_VIA,
     IdentRecord,
     count_people,
+    is_people_code,
     neighbour_code,
     people_code,
 )
@@ -92,7 +93,7 @@ __all__ = [
     "encode_envelopes",
     "encode_msg",
     "handle",
-    "holders_key",
+    "holder_key",
     "home",
     "ingest",
     "new_profile_id",
@@ -100,7 +101,10 @@ __all__ = [
     "part",
 ]
 
-ENVELOPE_VERSION = 1
+# v2 (0.4.2) added `Forget`; v1 envelopes, of 0.4.1 and older, still read. A v1 worker stops at a v2 envelope
+# (`NewerEnvelope`) instead of dead-lettering messages it does not know, with the ones beside them.
+ENVELOPE_VERSION = 2
+_READABLE_VERSIONS = frozenset({1, ENVELOPE_VERSION})
 # an internal record carries at most this much, unless one message alone is larger (see `encode_envelopes`)
 ENVELOPE_MOST_BYTES = 1 << 20
 
@@ -303,12 +307,15 @@ class Repoint:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """`ids[key].p := null` if it still names `pid`; `erase` also forgets generic mark and neighbours."""
+    """`ids[key].p := null` if it still names `pid`; `erase` also forgets generic mark and neighbours, and
+    matches the profiles `pid` absorbed (`srcs`) too: a register may still name one whose `Repoint` is on its
+    way (it then finds the register free and does nothing)."""
 
     TAG: ClassVar[int] = 12
     key: str
     pid: str
     erase: bool = False
+    srcs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,7 +552,7 @@ def _to_obj(m: Msg) -> list[Any]:
         case Repoint():
             return [m.TAG, m.key, m.src, m.dst]
         case Release():
-            return [m.TAG, m.key, m.pid, m.erase]
+            return [m.TAG, m.key, m.pid, m.erase, list(m.srcs)]
         case Erase():
             return [m.TAG, m.key, m.pid, m.ev_id, m.at]
         case WeakSeen():
@@ -588,7 +595,7 @@ def _from_obj(d: list[Any]) -> Msg:
     if tag == Repoint.TAG:
         return Repoint(d[1], d[2], d[3])
     if tag == Release.TAG:
-        return Release(d[1], d[2], d[3])
+        return Release(d[1], d[2], d[3], tuple(d[4]) if len(d) > 4 else ())  # 0.4.1 and older: no srcs
     if tag == Erase.TAG:
         return Erase(d[1], d[2], d[3], d[4])
     if tag == WeakSeen.TAG:
@@ -619,7 +626,7 @@ def decode_msg(raw: bytes) -> Msg:
 
 
 def encode_envelopes(msgs: Sequence[Msg], most_bytes: int = ENVELOPE_MOST_BYTES) -> list[bytes]:
-    """A batch's messages to one destination as internal records `{"v":1,"m":[msg, …]}`, in handling order.
+    """A batch's messages to one destination as internal records `{"v":2,"m":[msg, …]}`, in handling order.
 
     Usually one record; more when they would pass `most_bytes` (events of up to 1 MiB travel whole, so a
     batch's sends could pass any topic's record limit and fail the transaction on every retry). A message
@@ -643,7 +650,7 @@ def encode_envelopes(msgs: Sequence[Msg], most_bytes: int = ENVELOPE_MOST_BYTES)
     return out
 
 
-# byte for byte what orjson writes for {"v": 1, "m": [...]}
+# byte for byte what orjson writes for {"v": ENVELOPE_VERSION, "m": [...]}
 _ENVELOPE_HEAD = b'{"v":%d,"m":[' % ENVELOPE_VERSION
 _ENVELOPE_TAIL = b"]}"
 
@@ -658,13 +665,13 @@ class NewerEnvelope(RuntimeError):
 
 
 def decode_envelope(raw: bytes) -> list[Msg]:
-    """Inverse of `encode_envelopes`; ValueError on what is no v1 envelope (or holds an unknown tag)."""
+    """Inverse of `encode_envelopes`; ValueError on what is no envelope (or holds an unknown tag)."""
     d = orjson.loads(raw)
     version = d.get("v") if isinstance(d, dict) else None
     if isinstance(version, int) and version > ENVELOPE_VERSION:
         raise NewerEnvelope(f"protocol envelope v{version}; this worker reads v{ENVELOPE_VERSION}")
-    if version != ENVELOPE_VERSION:
-        raise ValueError("not a v1 protocol envelope")
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
+        raise ValueError("not a protocol envelope")
     return [_from_obj(m) for m in d["m"]]
 
 
@@ -685,9 +692,12 @@ class RowStore(Protocol):
     def get(self, table: TableName, key: bytes) -> bytes | None:
         """The committed-or-written value of a row, or None."""
 
+    def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
+        """The keys of the rows starting with `prefix`, in byte order (an erase's lookups, §7)."""
+
     def write(self, rows: Sequence[Row]) -> None:
-        """Write rows together, deleting those whose value is None: only a deferred message's row is ever
-        deleted, once handled (released registers and stubs stay)."""
+        """Write rows together, deleting those whose value is None: only rows of deferred messages and of
+        the holders index are ever deleted (released registers and stubs stay)."""
 
 
 class MemoryRowStore:
@@ -699,6 +709,10 @@ class MemoryRowStore:
     def get(self, table: TableName, key: bytes) -> bytes | None:
         """Row value or None."""
         return self.rows[table].get(key)
+
+    def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
+        """Keys starting with `prefix`, sorted."""
+        return sorted(key for key in self.rows[table] if key.startswith(prefix))
 
     def write(self, rows: Sequence[Row]) -> None:
         """Write rows; delete those whose value is None."""
@@ -738,9 +752,11 @@ DEFERRED_INFIX = b"/q/"
 HOLDERS_PREFIX = b"/nb/"
 
 
-def holders_key(code: int) -> bytes:
-    """The `ids` row listing the identifiers whose registers hold neighbour `code` (keys have no `/`)."""
-    return b"%s%d" % (HOLDERS_PREFIX, code)
+def holder_key(code: int, key: str) -> bytes:
+    """The `ids` row saying that identifier `key`'s register holds neighbour `code` (identifier keys never
+    start with `/`). One small row per pair: a list per code grew with every register a popular value was
+    seen with."""
+    return b"%s%d/%s" % (HOLDERS_PREFIX, code, key.encode())
 
 
 def deferred_key(profile_id: str, seq: int) -> bytes:
@@ -916,8 +932,7 @@ class PartitionState:
         self._p_old: dict[str, ProfileRow] = {}
         self._dirty_ids: dict[str, IdRow] = {}
         self._dirty_p: dict[str, ProfileRow] = {}
-        self._holders: dict[int, list[str]] = {}
-        self._dirty_holders: dict[int, list[str]] = {}
+        self._dirty_holders: dict[bytes, bool] = {}  # `holder_key` → held (written) or not (deleted)
 
     # --- row interface ---------------------------------------------------------------------------------
 
@@ -963,24 +978,28 @@ class PartitionState:
 
     def holders(self, code: int) -> list[str]:
         """The identifiers whose registers here hold neighbour `code`: how an erase finds them (§7)."""
-        keys = self._holders.get(code)
-        if keys is None:
-            raw = self.store.get("ids", holders_key(code))
-            keys = self._holders[code] = [] if raw is None else orjson.loads(raw)
-        return keys
+        prefix = b"%s%d/" % (HOLDERS_PREFIX, code)
+        pairs = set(self.store.keys("ids", prefix))
+        for pair, held in self._dirty_holders.items():
+            if pair.startswith(prefix):
+                if held:
+                    pairs.add(pair)
+                else:
+                    pairs.discard(pair)
+        return [pair[len(prefix) :].decode() for pair in sorted(pairs)]
 
-    def put_holders(self, code: int, keys: list[str]) -> None:
-        """Mark the holders of `code` changed; none deletes the row at the next flush."""
-        self._holders[code] = keys
-        self._dirty_holders[code] = keys
+    def hold(self, code: int, key: str) -> None:
+        """Index that `key`'s register now holds `code` (written at the next flush)."""
+        self._dirty_holders[holder_key(code, key)] = True
+
+    def unhold(self, code: int, key: str) -> None:
+        """Index that `key`'s register no longer holds `code` (deleted at the next flush)."""
+        self._dirty_holders[holder_key(code, key)] = False
 
     def flush(self) -> list[Row]:
         """Write each changed row once to the store; return them (table, key, value) for the changelog."""
         out: list[Row] = [("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()]
-        out.extend(
-            ("ids", holders_key(code), orjson.dumps(keys) if keys else None)
-            for code, keys in self._dirty_holders.items()
-        )
+        out.extend(("ids", pair, b"" if held else None) for pair, held in self._dirty_holders.items())
         for pid, r in self._dirty_p.items():
             out.append(("profiles", pid.encode(), r.encode()))
             out.extend(r.q.changed_rows(pid))
@@ -990,8 +1009,6 @@ class PartitionState:
         self._dirty_ids.clear()
         self._dirty_p.clear()
         self._dirty_holders.clear()
-        if len(self._holders) > 4 * self._cache_rows:
-            self._holders = {}
         if len(self._p_young) > self._cache_rows:
             self._p_old, self._p_young = self._p_young, {}
         if len(self._ids_young) > 4 * self._cache_rows:
@@ -1206,9 +1223,7 @@ def _claim(ctx: _Ctx, m: Claim) -> None:
             code = neighbour_code(other)
             if code not in nb:
                 nb.append(code)
-                holders = st.holders(code)
-                holders.append(key)
-                st.put_holders(code, holders)
+                st.hold(code, key)
                 changed = True
             tag = code >> 32
             if mark and sum(1 for c in nb if c >> 32 == tag) > gmax[t]:
@@ -1233,7 +1248,7 @@ def _release(ctx: _Ctx, m: Release) -> None:
     row = ctx.st.get_id(m.key)
     if row is None:
         return
-    if row.p == m.pid:
+    if row.p == m.pid or (row.p in m.srcs and row.p is not None):
         row.p = None
         if m.erase:
             row.g = False
@@ -1258,6 +1273,8 @@ def _weak_seen(ctx: _Ctx, m: WeakSeen) -> None:
 
 
 def _erase_register(ctx: _Ctx, m: Erase) -> None:
+    # a value refused by every profile has no register, but the values claimed beside it noted its code
+    _forget_everywhere(ctx, (m.key,))
     row = ctx.st.get_id(m.key)
     if row is None:
         return
@@ -1265,7 +1282,6 @@ def _erase_register(ctx: _Ctx, m: Erase) -> None:
     row.p, row.g = None, False
     _drop_neighbours(ctx.st, m.key, row)
     ctx.st.put_id(m.key, row)
-    _forget_everywhere(ctx, (m.key,))
     if owner is not None:
         ctx.send(Erase(m.key, owner, m.ev_id, m.at))
 
@@ -1273,10 +1289,8 @@ def _erase_register(ctx: _Ctx, m: Erase) -> None:
 def _drop_neighbours(st: PartitionState, key: str, row: IdRow) -> None:
     """An erased register forgets whom it was seen with, and leaves the holders index of each."""
     for code in row.nb:
-        holders = st.holders(code)
-        if key in holders:  # people codes (§5.4), and registers of 0.4.1 and older, are not in the index
-            holders.remove(key)
-            st.put_holders(code, holders)
+        if not is_people_code(code):  # people (§5.4) are not indexed
+            st.unhold(code, key)
     row.nb = []
 
 
@@ -1290,15 +1304,12 @@ def _forget_everywhere(ctx: _Ctx, keys: Iterable[str]) -> None:
 def _forget(ctx: _Ctx, m: Forget) -> None:
     st = ctx.st
     for code in m.codes:
-        holders = st.holders(code)
-        if not holders:
-            continue
-        for key in holders:
+        for key in st.holders(code):
             row = st.get_id(key)
             if row is not None and code in row.nb:
                 row.nb.remove(code)
                 st.put_id(key, row)
-        st.put_holders(code, [])
+            st.unhold(code, key)
 
 
 # --- profiles --------------------------------------------------------------------------------------------
@@ -1433,7 +1444,9 @@ def _at_erased(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
         case Apply():
             ctx.send(Route(m.ev, m.keys, row.state.id))
         case ClaimOk() if not m.note:
+            # claimed for an event before the erase: the value goes as the profile's other values went
             ctx.send(Release(m.key, row.state.id, True))
+            _forget_everywhere(ctx, (m.key,))
         case MergeOffer():
             # the loser is locked waiting for an answer: refuse rather than drop (design doc change)
             ctx.send(MergeNo(m.loser, m.winner))
@@ -1852,6 +1865,7 @@ def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:
             ctx.fx.dropped["erase_not_held"] += 1
         return
     keys = sorted(p.ids)
+    absorbed = p.merged_from
     p.wipe(ERASED)
     row.cl = {}  # replies to claims in flight turn into Release at the erased row (§3)
     row.ak = {}
@@ -1859,5 +1873,5 @@ def _erase_profile(ctx: _Ctx, row: ProfileRow, m: Erase) -> None:
     ctx.fx.changes.append(IdentityChange(ChangeKind.ERASED, p.id, p.seq, m.ev_id, m.at, {}))
     ctx.touched(row)
     for key in keys:
-        ctx.send(Release(key, p.id, True))
+        ctx.send(Release(key, p.id, True, absorbed))
     _forget_everywhere(ctx, keys)

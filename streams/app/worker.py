@@ -3,7 +3,7 @@
 Topology (every topic has N partitions; partition p of all of them belongs to one worker)::
 
     raw.<source> [p]           value: envelope-v1 JSON bytes
-    <app>-internal [p]         value: protocol envelope {"v":1,"m":[msg, …]} for partition p
+    <app>-internal [p]         value: protocol envelope {"v":2,"m":[msg, …]} for partition p
       │ stitch task            whole fetches of all input topics, each batch split by partition number p
       │   raw   → validate ─┬─▶ dlq                 DlqRecord: named code + original bytes
       │                     └─▶ protocol.ingest     Route to the anchor's partition (inline when it is p)
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,6 +88,10 @@ class _TableRows:
     def get(self, table: TableName, key: bytes) -> bytes | None:
         value = self.database(table).get(key)
         return None if value is None else bytes(value)
+
+    def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
+        keys = self.database(table).keys(from_key=prefix)
+        return [bytes(key) for key in itertools.takewhile(lambda key: key.startswith(prefix), keys)]
 
     def write(self, rows: Sequence[Row]) -> None:
         """One RocksDB write batch per table: a put per row cost more than encoding the row."""
@@ -229,8 +234,8 @@ def create_app(
     # subscribed (and co-partitioned with the tables) through faust; read by the stitch task, not an agent
     app.topics.add(app.topic(*raw_names, internal, key_type=bytes, value_type=bytes))
     tables: dict[TableName, TableT[bytes, bytes]] = {
-        # a profile row can hold events deferred during a merge: its changelog takes records as large as the
-        # internal topic's (applies when faust creates the changelog)
+        # a deferred message's row holds a whole event: the changelogs take records as large as the internal
+        # topic's (applies when faust creates them)
         name: app.Table(
             name,
             partitions=n,

@@ -31,6 +31,7 @@ __all__ = [
     "IdentRecord",
     "ProfileState",
     "count_people",
+    "is_people_code",
     "neighbour_code",
     "people_code",
 ]
@@ -70,6 +71,11 @@ _PEOPLE_TAG = 1 << 16
 def people_code(profile_id: str) -> int:
     """A profile a weak value was seen with, as a neighbour code: the tag, crc32 of the profile id."""
     return (_PEOPLE_TAG << 32) | zlib.crc32(profile_id.encode())
+
+
+def is_people_code(code: int) -> bool:
+    """Whether a neighbour code is a `people_code` (not an identifier's)."""
+    return code >> 32 == _PEOPLE_TAG
 
 
 def count_people(codes: list[int]) -> int:

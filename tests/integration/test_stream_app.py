@@ -18,6 +18,7 @@ from streams.app.protocol import MergeAsk, MergeNo, deferred_key, encode_envelop
 from streams.app.restore import RESTORED_OFFSET_KEY
 from streams.app.topics import create_topics
 from streams.config import AppSettings
+from streams.core.state import neighbour_code
 from streams.evaluate import assignments_from_resolved, read_topic_to_end
 from streams.events import Identifier
 from streams.topic_reader import read_to_end as read_topic
@@ -341,6 +342,78 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     assert sorted(got) == sorted((f"{run}-{n}", pid) for n in range(9))  # each once, in the profile
     wait_for("their rows deleted", lambda: all(profile_rows().get(key, b"") is None for key in waiting))
     assert again.proc.poll() is None
+
+
+def test_an_erase_in_the_stream_forgets_the_value_where_others_noted_it(
+    worker: Worker, kafka_bootstrap: str
+) -> None:
+    """Bob's e-mail and a phone, first seen apart, then together in a refused bridge: each register notes
+    the other's code, and the e-mail's partition indexes its note. Erasing the phone's profile wipes it,
+    and a `Forget` reaches every partition: the e-mail's register drops the phone's code and the index row
+    is deleted (the worker finds it by a prefix scan of its RocksDB table)."""
+    run = uuid.uuid4().hex[:10]
+    phone = f"8 916 {random.randint(100, 999)}-{random.randint(10, 99)}-{random.randint(10, 99)}"
+    base = {"schema_version": 1, "source": "web", "channel": "site", "type": "page_view", "attributes": {}}
+    events = [
+        {
+            **base,
+            "event_id": f"{run}-bob",
+            "occurred_at": "2026-11-24T09:00:00+03:00",
+            "identifiers": [{"type": "email", "value": f"bob.{run}@mail.ru"}],
+        },
+        {
+            **base,
+            "event_id": f"{run}-phone",
+            "occurred_at": "2026-11-24T09:01:00+03:00",
+            "identifiers": [{"type": "phone", "value": phone}],
+        },
+        {
+            **base,
+            "event_id": f"{run}-both",
+            "occurred_at": "2026-11-24T09:02:00+03:00",
+            "identifiers": [
+                {"type": "email", "value": f"bob.{run}@mail.ru"},
+                {"type": "phone", "value": phone},
+            ],
+        },
+    ]
+    resolved = _resolve_all(kafka_bootstrap, events)
+    (email_key,) = resolved[f"{run}-bob"]["identifier_keys"]  # as stored (hashed when hashing is on)
+    (phone_key,) = resolved[f"{run}-phone"]["identifier_keys"]
+    erased = resolved[f"{run}-phone"]["profile_id"]
+    wait_for(
+        "the bridge refused (a first unverified sighting): two people still",
+        lambda: any(
+            v and v["kind"] == "merge_refused" and v["cause_event_id"] == f"{run}-both"
+            for _, v in topic_values(kafka_bootstrap, "identity.changes")
+        ),
+    )
+    ids_changelog = f"{worker.app_id}-ids-changelog"
+    pair = b"/nb/%d/%s" % (neighbour_code(phone_key), email_key.encode())
+
+    def latest(key: bytes) -> tuple[bool, bytes | None]:
+        found: tuple[bool, bytes | None] = (False, None)
+        for message in read_topic(kafka_bootstrap, ids_changelog):
+            if message.key() == key:
+                found = (True, message.value())
+        return found
+
+    wait_for("the e-mail's note of the phone, indexed", lambda: latest(pair) == (True, b""))
+    erase = {
+        **base,
+        "type": "erase",
+        "event_id": f"{run}-erase",
+        "occurred_at": "2026-11-24T09:03:00+03:00",
+        "identifiers": [{"type": "phone", "value": phone}],
+    }
+    _resolve_all(kafka_bootstrap, [erase])
+    wait_for("the index row deleted", lambda: latest(pair) == (True, None))
+    _, register = latest(email_key.encode())
+    assert register is not None and neighbour_code(phone_key) not in orjson.loads(register)["nb"]
+    assert any(
+        v and v["kind"] == "profile_erased" and v["profile_id"] == erased
+        for _, v in topic_values(kafka_bootstrap, "identity.changes")
+    )
 
 
 def _page_view(event_id: str, cookie: str, note: str = "") -> dict[str, Any]:

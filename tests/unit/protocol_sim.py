@@ -22,8 +22,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-import orjson
-
 from streams.app.protocol import (
     DEFERRED_INFIX,
     HOLDERS_PREFIX,
@@ -59,8 +57,8 @@ class Final:
     ids: dict[str, IdRow] = field(default_factory=dict)
     profiles: dict[str, ProfileRow] = field(default_factory=dict)
     deferred_rows: int = 0  # rows of deferred messages (each profile's are read into its `q`, too)
-    # (partition, neighbour code) → the identifiers whose registers there hold it (the erase's index, §7)
-    holders: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    # (partition, neighbour code, identifier): its register there holds the code (the erase's index, §7)
+    holders: set[tuple[int, int, str]] = field(default_factory=set)
 
     def resolve(self, pid: str | None) -> str | None:
         """Follow stubs to the live profile; None for no profile, erased or unknown."""
@@ -203,7 +201,8 @@ class Sim:
         for partition, store in enumerate(self.committed):
             for key, raw in store.rows["ids"].items():
                 if key.startswith(HOLDERS_PREFIX):
-                    out.holders[(partition, int(key[len(HOLDERS_PREFIX) :]))] = orjson.loads(raw)
+                    code, held = key[len(HOLDERS_PREFIX) :].split(b"/", 1)
+                    out.holders.add((partition, int(code), held.decode()))
                 else:
                     out.ids[key.decode()] = IdRow.decode(raw)
             rows = store.rows["profiles"]
