@@ -1248,7 +1248,7 @@ def _release(ctx: _Ctx, m: Release) -> None:
     row = ctx.st.get_id(m.key)
     if row is None:
         return
-    if row.p == m.pid or (row.p in m.srcs and row.p is not None):
+    if row.p == m.pid or row.p in m.srcs:
         row.p = None
         if m.erase:
             row.g = False
