@@ -1431,7 +1431,8 @@ def _forward(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
         case MergeDone() | MergeNo():
             ctx.fx.dropped["reply_at_stub"] += 1  # idempotent: the merge already completed
         case Erase():
-            ctx.send(Erase(m.key, into, m.ev_id, m.at))
+            # an identifier a split moved out before the merge is the split-off profile's to erase (§7b)
+            ctx.send(Erase(m.key, row.mv.get(m.key, into), m.ev_id, m.at))
         case Split():
             ctx.send(Split(into, m.keys, m.reason, m.at, m.request))
         case _:  # pragma: no cover
@@ -1439,7 +1440,9 @@ def _forward(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
 
 
 def _at_erased(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
-    """§3: an erased profile turns `Apply` into a new profile and `ClaimOk` into `Release`."""
+    """§3: an erased profile turns `Apply` into a new profile, `ClaimOk` into an erasing `Release`,
+    `MergeOffer` into `MergeNo`, and an `Erase` of an identifier a split moved out into the split-off
+    profile's; the rest is dropped."""
     match m:
         case Apply():
             ctx.send(Route(m.ev, m.keys, row.state.id))
@@ -1450,6 +1453,9 @@ def _at_erased(ctx: _Ctx, row: ProfileRow, m: Msg) -> None:
         case MergeOffer():
             # the loser is locked waiting for an answer: refuse rather than drop (design doc change)
             ctx.send(MergeNo(m.loser, m.winner))
+        case Erase() if m.key in row.mv:
+            # a split moved the identifier out before the erase (§7b): the split-off profile holds it
+            ctx.send(Erase(m.key, row.mv[m.key], m.ev_id, m.at))
         case _:
             ctx.fx.dropped["erased_profile"] += 1
 

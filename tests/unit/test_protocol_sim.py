@@ -606,6 +606,48 @@ def test_invariants_hold_with_an_operators_split_among_events_and_erases(
     assert_registers_agree(final)
 
 
+@pytest.mark.parametrize("merged_first", [False, True])
+def test_an_erase_finds_an_identifier_split_off_a_profile_erased_or_merged_meanwhile(
+    merged_first: bool,
+) -> None:
+    """The cookie was split off P into N. An erase naming it reaches P after P was erased by the same request
+    (another of its identifiers), or after P merged into an older profile: 0.4.1 dropped it there, and N
+    kept the erased cookie. It follows P's `mv` to N, as it does while P is live; the core erases both."""
+    w, a, k, x = "email:w@x.ru", "email:a@x.ru", "cookie_id:k", "customer_id:x"
+
+    def verified(eid: str, *keys: str, at: int, etype: str = "page_view") -> NormalizedEvent:
+        return dataclasses.replace(
+            _ev(eid, *keys, at=at, etype=etype),
+            identifiers=tuple(Identifier(*key.split(":", 1), True) for key in keys),
+        )
+
+    setup = [verified("0", w, at=500), verified("1", x, a, k, at=1_000)]
+    if merged_first:  # P merges into the older profile of w, then the cookie is erased
+        later = [verified("2", a, w, at=6_000), verified("e", k, at=9_000, etype="erase")]
+    else:  # one request erases P (by a) and the cookie
+        later = [verified("e", a, k, at=9_000, etype="erase")]
+    core = IdentityGraph(rules=load_rules())
+    for event in setup:
+        core.link(event)
+    core.split(core.lookup(k) or "", [k], at_ms=5_000)
+    for event in later:
+        core.link(event)
+    assert core.lookup(k) is None
+    for n in (2, 3, 4, 8):
+        for seed in range(40):
+            sim = Sim(n, load_rules(), seed=seed, crash_rate=0.1)
+            sim.feed(setup)
+            before = sim.run()
+            pid = before.resolve(before.ids[k].p)
+            assert pid is not None
+            sim.inject(protocol.Split(pid, (k,), "", 5_000, "s"))
+            sim.feed(later)
+            final = sim.run()
+            assert not [p for p in final.live().values() if k in p.ids], (n, seed)
+            assert_registers_agree(final)
+            assert_no_register_names_an_erased_profile(final)
+
+
 def test_an_erase_racing_an_operators_split_ends_as_one_of_the_cores_orders() -> None:
     """The phone is split off while an erase of it is on its way. The core runs one after the other: split
     first leaves Kolya's account and e-mail; erase first leaves nothing (the split then finds no profile). A
