@@ -712,6 +712,23 @@ def test_an_erased_value_seen_again_is_not_corroborated_by_its_erased_past() -> 
         assert not [k for _, c, k in final.holders if c == code or k == phone]
 
 
+def test_values_of_a_profile_erased_by_another_of_its_identifiers_are_forgotten_too() -> None:
+    """The erase names the customer id only; the phone goes with the profile, so the e-mail's register that
+    noted the phone forgets it too (the wipe's own `Forget`), and the same bridge is judged as in the core."""
+    c1, bob, phone = "customer_id:c1", "email:bob@x.ru", "phone:+79160000001"
+    first = [_ev("1", c1, phone, at=1_000), _ev("2", bob, at=2_000), _ev("3", phone, bob, at=3_000)]
+    erase, back = _ev("e", c1, at=3_500, etype="erase"), _ev("4", phone, at=4_000)
+    again = _ev("5", phone, bob, at=5_000)
+    core = IdentityGraph(rules=load_rules())
+    kinds = [[c.kind.value for c in core.link(ev).changes] for ev in [*first, erase, back, again]][-1]
+    for sim, final in _one_event_at_a_time([*first, erase, back]):
+        assert neighbour_code(phone) not in final.ids[bob].nb, sim.n
+        assert not [k for _, c, k in final.holders if c == neighbour_code(phone)]
+        sim.feed([again])
+        sim.run()
+        assert [c.kind.value for c in sim.changes if c.event_id == "5"] == kinds, sim.n
+
+
 def test_erasing_a_value_no_profile_took_forgets_it_as_the_core_does() -> None:
     """A sixth phone is refused (limit 5) and gets no register, but the e-mail claimed beside it notes it. Its
     erase must still drop that note: kept, it counted towards the e-mail's generic limit, and three phones
