@@ -25,11 +25,16 @@ from streams.topic_reader import read_to_end as read_topic
 from tests.integration.workers import ROOT, Worker, topic_values, wait_for
 
 
-def _send(bootstrap: str, topic: str, value: bytes, key: bytes | None = None) -> None:
+def _send(
+    bootstrap: str, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+) -> None:
     producer = Producer(
         {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "message.max.bytes": 4_000_000}
     )
-    producer.produce(topic, key=key, value=value)
+    if partition is None:
+        producer.produce(topic, key=key, value=value)
+    else:
+        producer.produce(topic, key=key, value=value, partition=partition)
     assert producer.flush(30) == 0
 
 
@@ -311,7 +316,7 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     nobody = "0" * 26
     ask = MergeAsk(pid, nobody, (Identifier("cookie_id", cookie, False),), (), f"{run}-ask", 1, False)
     (envelope,) = encode_envelopes([ask])
-    _send_to(kafka_bootstrap, internal, home(pid, 8), envelope)
+    _send(kafka_bootstrap, internal, envelope, partition=home(pid, 8))
 
     def profile_rows() -> dict[bytes, bytes | None]:
         return {m.key() or b"": m.value() for m in read_topic(kafka_bootstrap, changelog)}
@@ -328,7 +333,7 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     worker.stop()
 
     again = start_worker(app_id=worker.app_id)
-    _send_to(kafka_bootstrap, internal, home(pid, 8), encode_envelopes([MergeNo(pid, nobody)])[0])
+    _send(kafka_bootstrap, internal, encode_envelopes([MergeNo(pid, nobody)])[0], partition=home(pid, 8))
 
     def resolved() -> list[tuple[str, str]] | None:
         ours = [
@@ -428,12 +433,6 @@ def _page_view(event_id: str, cookie: str, note: str = "") -> dict[str, Any]:
         "identifiers": [{"type": "cookie_id", "value": cookie}],
         "attributes": {"url": "https://shop.ru/menu", "note": note},
     }
-
-
-def _send_to(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap})
-    producer.produce(topic, key=str(partition).encode(), value=value, partition=partition)
-    assert producer.flush(30) == 0
 
 
 def test_an_operator_splits_kolyas_profile_in_the_running_stream(
