@@ -5,10 +5,11 @@
 //! key's block, the counted id's block); one block and a 16-byte slot take about 75. These caches are what
 //! grows with the number of identifiers, so they set the core's memory per identifier (issue 4).
 
-use std::hash::Hasher;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use hashbrown::HashTable;
-use rustc_hash::{FxHashMap as HashMap, FxHasher};
+use indexmap::IndexSet;
+use rustc_hash::FxHasher;
 
 /// Byte entries keyed by the length-prefixed string they start with (an identifier key, a profile id).
 #[derive(Default)]
@@ -142,8 +143,7 @@ impl Keyed {
 /// (validation caps a source or channel at 64 characters), the text is packed instead: the table stays small.
 #[derive(Default)]
 pub struct Symbols {
-    names: Vec<Box<str>>,
-    codes: HashMap<Box<str>, u32>,
+    names: IndexSet<Box<str>, BuildHasherDefault<FxHasher>>, // a name's code is its index
 }
 
 const MAX_SYMBOLS: usize = 4096;
@@ -151,16 +151,13 @@ const MAX_SYMBOL_BYTES: usize = 64;
 
 impl Symbols {
     pub fn code(&mut self, name: &str) -> Option<u32> {
-        if let Some(&c) = self.codes.get(name) {
-            return Some(c);
+        if let Some(c) = self.names.get_index_of(name) {
+            return Some(c as u32);
         }
         if self.names.len() >= MAX_SYMBOLS || name.len() > MAX_SYMBOL_BYTES {
             return None;
         }
-        let c = self.names.len() as u32;
-        self.names.push(Box::from(name));
-        self.codes.insert(Box::from(name), c);
-        Some(c)
+        Some(self.names.insert_full(Box::from(name)).0 as u32)
     }
 
     pub fn len(&self) -> usize {

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
-use indexmap::IndexMap;
+use indexmap::{IndexMap, IndexSet};
 use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
@@ -207,7 +207,7 @@ pub struct Graph {
     /// dirty profiles that left the decoded caches before the flush, as the rows the flush will write: a
     /// batch of many events holds their bytes, not their decoded structs (about 4× the size)
     spilled: IndexMap<String, Vec<u8>, Fx>,
-    dirty_i: IndexMap<String, Option<Pid>, Fx>,
+    dirty_i: IndexSet<String, Fx>, // owners changed since the flush; their values are in `i_young`
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     since_flush: i64,
     i_complete: bool,
@@ -256,7 +256,7 @@ impl Graph {
             syms: Symbols::default(),
             dirty_p: IndexMap::default(),
             spilled: IndexMap::default(),
-            dirty_i: IndexMap::default(),
+            dirty_i: IndexSet::default(),
             writes: Vec::new(),
             since_flush: 0,
             i_complete: false,
@@ -497,7 +497,7 @@ impl Graph {
 
     fn set_owner(&mut self, key: &str, pid: &str) {
         self.i_young.put(entry(key, pid.as_bytes()));
-        self.dirty_i.insert(key.to_owned(), Some(Rc::from(pid)));
+        self.dirty_i.insert(key.to_owned());
     }
 
     /// Past `cache_profiles` decoded profiles, drop the older generation. A dirty profile in it is encoded
@@ -555,11 +555,15 @@ impl Graph {
                 self.b_young.put(p.pack(&mut self.syms));
             }
         }
-        for (ident, owner) in &self.dirty_i {
+        for ident in &self.dirty_i {
             let mut key = b"i:".to_vec();
             key.extend_from_slice(ident.as_bytes());
-            let value = owner.as_ref().map(|o| PyBytes::new_bound(py, o.as_bytes()));
-            items.append((PyBytes::new_bound(py, &key), value))?;
+            // `i_young` rotates and clears only after a flush has written these
+            let owner = self
+                .i_young
+                .value(ident)
+                .expect("a changed owner stays cached until the flush");
+            items.append((PyBytes::new_bound(py, &key), PyBytes::new_bound(py, owner)))?;
         }
         for (key, value) in &self.writes {
             let value = value.as_ref().map(|v| PyBytes::new_bound(py, v));
