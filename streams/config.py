@@ -24,6 +24,14 @@ def _whole(env: dict[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
 
 
+def _positive(env: dict[str, str], name: str, default: int) -> int:
+    """A whole-number setting that must be at least 1 (a size: zero would not mean "unlimited")."""
+    value = _whole(env, name, default)
+    if value < 1:
+        raise ConfigError(f"{name}={value} must be at least 1")
+    return value
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -45,6 +53,11 @@ class AppSettings:
     rules_file: Path | None = None
     batch_linger_ms: int = 20
     batch_max_records: int = 1000
+    # RocksDB memory of all the worker's table databases together (`streams/app/tabledb.py`)
+    table_memory_mb: int = 256
+    # decoded rows kept per partition, most events touching profiles seen moments ago: up to twice this many
+    # profiles (about 3.6 KB each in memory) and eight times as many identifier rows (about 0.3 KB each)
+    cache_rows: int = 20_000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AppSettings:
@@ -65,4 +78,6 @@ class AppSettings:
             rules_file=Path(rules) if rules else None,
             batch_linger_ms=_whole(env, "OMNISTITCH_BATCH_LINGER_MS", defaults.batch_linger_ms),
             batch_max_records=_whole(env, "OMNISTITCH_BATCH_MAX_RECORDS", defaults.batch_max_records),
+            table_memory_mb=_positive(env, "OMNISTITCH_TABLE_MEMORY_MB", defaults.table_memory_mb),
+            cache_rows=_positive(env, "OMNISTITCH_CACHE_ROWS", defaults.cache_rows),
         )

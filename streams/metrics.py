@@ -11,7 +11,7 @@ import itertools
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,6 +32,8 @@ __all__ = [
     "REDELIVERED_TOTAL",
     "REGISTRY",
     "RESTORE_SECONDS",
+    "TABLE_MEMORY_BYTES",
+    "TABLE_MEMORY_LIMIT_BYTES",
     "observe_gc_pauses",
 ]
 
@@ -172,5 +174,16 @@ RESTORE_SECONDS = Histogram(
     "omnistitch_restore_seconds",
     "Seconds to bring the tables of a new assignment up to their changelogs' ends, before its first batch.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+
+TABLE_MEMORY_BYTES = Gauge(
+    "omnistitch_table_memory_bytes",
+    "RocksDB memory of the worker's table databases: their shared block cache, memtables included.",
+    registry=REGISTRY,
+)
+TABLE_MEMORY_LIMIT_BYTES = Gauge(
+    "omnistitch_table_memory_limit_bytes",
+    "The budget of omnistitch_table_memory_bytes (OMNISTITCH_TABLE_MEMORY_MB); RocksDB may pass it briefly.",
     registry=REGISTRY,
 )

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, cast
 
 import faust
 from confluent_kafka import OFFSET_BEGINNING
-from faust.stores.rocksdb import RocksDBOptions
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TableT
-from rocksdict import AccessType, Rdict, ReadOptions, WriteBatch
+from rocksdict import WriteBatch
 
 from streams.topic_reader import committed_messages, end_offsets, topic_ids
 
@@ -36,7 +34,6 @@ __all__ = [
     "ChangelogRestorer",
     "StandbyOnlyBuffer",
     "confine_faust_recovery_to_standbys",
-    "keep_table_options_on_reopen",
     "record_restored_offset",
     "skip_faust_recovery",
 ]
@@ -51,32 +48,6 @@ WRITE_BATCH_RECORDS = 5_000
 RESTORE_TIMEOUT_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
-
-
-def keep_table_options_on_reopen() -> None:
-    """Open faust's table databases with its options for the default column family too.
-
-    rocksdict applies `options` only to column families it creates, so a table reopened after a restart fell
-    back to RocksDB's defaults: no bloom filter (each read of a new identifier searched every file) and an
-    8 MB block cache (quixio/quix-streams#1136; `streams.core.store.RocksStore` opens the replay state the
-    same way). Process-wide, idempotent; otherwise faust-streaming 0.15's `RocksDBOptions.open` (rocksdict).
-    """
-
-    faust_open = RocksDBOptions.open
-    if faust_open.__name__ == "open_keeping_options":
-        return
-
-    def open_keeping_options(self: RocksDBOptions, path: Path, *, read_only: bool = False) -> Any:
-        if not self.use_rocksdict:
-            return faust_open(self, path, read_only=read_only)
-        # as faust opens it (a fresh `as_options()`: faust's `db_paths` never reaches it), plus the family
-        options = self.as_options()
-        access = AccessType.read_write() if self.ttl is None else AccessType.with_ttl(self.ttl)
-        db = Rdict(str(path), options=options, column_families={"default": options}, access_type=access)
-        db.set_read_options(ReadOptions())
-        return db
-
-    RocksDBOptions.open = open_keeping_options  # type: ignore[method-assign]
 
 
 def skip_faust_recovery() -> None:

@@ -44,11 +44,11 @@ from streams.app.protocol import Effects, PartitionState, Row, TableName
 from streams.app.restore import (
     ChangelogRestorer,
     confine_faust_recovery_to_standbys,
-    keep_table_options_on_reopen,
     record_restored_offset,
     skip_faust_recovery,
 )
 from streams.app.steps import PartitionSteps
+from streams.app.tabledb import share_table_memory
 from streams.app.topics import MAX_RECORD_BYTES, internal_topic, raw_topic
 from streams.app.transactions import (
     Admission,
@@ -68,8 +68,6 @@ log = logging.getLogger(__name__)
 
 # How often a batch waiting for faust's rebalance steps to end looks again.
 RECOVERY_POLL_SECONDS = 0.05
-# Hot rows per partition (two generations): most events touch profiles seen moments ago.
-CACHE_ROWS_PER_PARTITION = 20_000
 TABLES: tuple[TableName, ...] = ("ids", "profiles")
 PRODUCER_BATCH_BYTES = 1024 * 1024
 
@@ -230,7 +228,9 @@ def create_app(
     )
     wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
     skip_faust_recovery()
-    keep_table_options_on_reopen()
+    table_memory = share_table_memory(settings.table_memory_mb << 20)
+    metrics.TABLE_MEMORY_BYTES.set_function(table_memory.usage_bytes)
+    metrics.TABLE_MEMORY_LIMIT_BYTES.set(table_memory.budget_bytes)
     # subscribed (and co-partitioned with the tables) through faust; read by the stitch task, not an agent
     app.topics.add(app.topic(*raw_names, internal, key_type=bytes, value_type=bytes))
     tables: dict[TableName, TableT[bytes, bytes]] = {
@@ -259,7 +259,7 @@ def create_app(
         if state is None:
             store = _TableRows(tables, partition)
             state = states[partition] = PartitionState(
-                partition, n, rules, store, cache_rows=CACHE_ROWS_PER_PARTITION
+                partition, n, rules, store, cache_rows=settings.cache_rows
             )
         return state
 

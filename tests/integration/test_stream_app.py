@@ -113,6 +113,20 @@ def _resolve_all(bootstrap: str, events: list[dict[str, Any]]) -> dict[str, dict
 
 
 def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None:
+    _kolya_becomes_one_profile(kafka_bootstrap)
+
+
+def test_kolya_becomes_one_profile_through_the_smallest_caches(
+    start_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    """One decoded row per partition and 1 MB for RocksDB: rows of earlier batches are read back from the
+    table databases, whose memtables go to files as they fill (256 KB each, 512 KB together)."""
+    worker = start_worker(OMNISTITCH_CACHE_ROWS="1", OMNISTITCH_TABLE_MEMORY_MB="1")
+    _kolya_becomes_one_profile(kafka_bootstrap)
+    assert "omnistitch_table_memory_limit_bytes 1.048576e+06" in worker.metrics()
+
+
+def _kolya_becomes_one_profile(kafka_bootstrap: str) -> None:
     run = uuid.uuid4().hex[:10]
     resolved = _resolve_all(kafka_bootstrap, _kolya(run))
     pos, web, app = (resolved[f"{run}-{name}"] for name in ("pos", "web", "app"))
@@ -299,6 +313,14 @@ def test_large_events_and_a_foreign_internal_record_never_stop_the_worker(
         if line.startswith("omnistitch_record_wait_seconds_count")
     }
     assert counts['input="raw"'] >= 300 and counts['input="internal"'] >= 2
+    # the table databases' RocksDB memory is reported against its budget (`OMNISTITCH_TABLE_MEMORY_MB`)
+    table_memory = {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in worker.metrics().splitlines()
+        if line.startswith("omnistitch_table_memory")
+    }
+    assert table_memory["omnistitch_table_memory_limit_bytes"] == 256 << 20
+    assert table_memory["omnistitch_table_memory_bytes"] > 0  # this test's rows: memtables, cached blocks
 
 
 def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive_a_restart(

@@ -53,17 +53,3 @@ def test_faust_recovery_writes_standby_rows_only(tmp_path: Path) -> None:
     # unconfined, faust 0.15.3 applied the revoked partition's record too and set its persisted offset to 1158
     assert store.persisted_offset(revoked) is None
     assert store._db_for_partition(revoked.partition).get(b"late") is None
-
-
-def test_a_table_database_keeps_faust_s_options_when_reopened(tmp_path: Path) -> None:
-    from faust.stores.rocksdb import RocksDBOptions
-
-    from streams.app.restore import keep_table_options_on_reopen
-
-    keep_table_options_on_reopen()
-    for _ in range(3):  # a restart reopens every table; rocksdict dropped the options then (0.3.3)
-        db = RocksDBOptions().open(tmp_path / "table")
-        db[b"k"] = b"v"
-        db.close()
-        newest = max((tmp_path / "table").glob("OPTIONS-*"), key=lambda f: int(f.name.split("-")[1]))
-        assert "filter_policy=bloomfilter" in newest.read_text()

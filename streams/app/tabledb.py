@@ -1,0 +1,96 @@
+"""How the worker opens its table databases: one memory budget for all of them.
+
+faust-streaming 0.15 opens a RocksDB database per table and partition, each with a block cache of its own
+(2 GiB) and up to three memtables of 64 MB. A worker holds two tables (`ids`, `profiles`) for each partition
+it owns or keeps a standby of, so its memory grew with its partitions and was bounded by nothing anyone had
+set: 16 databases could keep 3 GB in memtables before writing a file.
+
+Here every table database of the process shares one LRU block cache, and a write-buffer manager charges their
+memtables to that cache, so `OMNISTITCH_TABLE_MEMORY_MB` bounds RocksDB's memory for all of them together
+(RocksDB lets the cache run a little over while memtables are flushed). The worker's own cache of decoded
+rows (`OMNISTITCH_CACHE_ROWS` per partition) answers most reads before RocksDB is asked.
+
+rocksdict also applies `options` only to column families it creates, so a table reopened after a restart fell
+back to RocksDB's defaults: no bloom filter (each read of a new identifier searched every file)
+(quixio/quix-streams#1136). The options are given for the default family too, as
+`streams.core.store.RocksStore` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from faust.stores.rocksdb import RocksDBOptions
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBufferManager,
+)
+
+__all__ = ["MEMTABLE_BYTES", "TableMemory", "share_table_memory"]
+
+# One memtable of one database: the write-buffer manager decides when the databases' memtables together are
+# too large; this size sets how much one partition's table writes before RocksDB writes a file.
+MEMTABLE_BYTES = 8 << 20
+
+
+class TableMemory:
+    """The block cache and write-buffer manager every table database of this process is opened with."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes <= 0:
+            raise ValueError("the table memory budget must be positive")
+        self.budget_bytes = budget_bytes
+        self.cache = Cache(budget_bytes)
+        # memtables may take up to half the budget, charged to the cache, which then holds fewer blocks
+        self.write_buffers = WriteBufferManager.new_write_buffer_manager_with_cache(
+            budget_bytes // 2, False, self.cache
+        )
+
+    def options(self, faust_options: RocksDBOptions) -> Options:
+        """faust's file settings (open files, file size) with this memory and a full bloom filter."""
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        if faust_options.max_open_files is not None:  # faust's share of the process's file limit
+            options.set_max_open_files(faust_options.max_open_files)
+        options.set_target_file_size_base(faust_options.target_file_size_base)
+        options.set_write_buffer_size(min(MEMTABLE_BYTES, self.budget_bytes // 4))
+        options.set_max_write_buffer_number(2)
+        options.set_write_buffer_manager(self.write_buffers)
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(self.cache)
+        options.set_block_based_table_factory(table)
+        return options
+
+    def usage_bytes(self) -> int:
+        """What the shared cache holds now, memtables included (RocksDB's own accounting)."""
+        return int(self.cache.get_usage())
+
+
+def share_table_memory(budget_bytes: int) -> TableMemory:
+    """Open every faust table database of this process with one `TableMemory` of `budget_bytes`.
+
+    Process-wide: replaces faust's `RocksDBOptions.open` (rocksdict driver). Databases opened before keep
+    what they were opened with; a later call gives the databases opened after it a new budget.
+    """
+    memory = TableMemory(budget_bytes)
+    faust_open = getattr(RocksDBOptions.open, "faust_open", RocksDBOptions.open)
+
+    def open_within_budget(self: RocksDBOptions, path: Path, *, read_only: bool = False) -> Any:
+        if not self.use_rocksdict:
+            return faust_open(self, path, read_only=read_only)
+        options = memory.options(self)
+        access = AccessType.read_write() if self.ttl is None else AccessType.with_ttl(self.ttl)
+        db = Rdict(str(path), options=options, column_families={"default": options}, access_type=access)
+        db.set_read_options(ReadOptions())
+        return db
+
+    open_within_budget.faust_open = faust_open  # type: ignore[attr-defined]
+    RocksDBOptions.open = open_within_budget  # type: ignore[method-assign]
+    return memory
