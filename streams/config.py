@@ -24,11 +24,11 @@ def _whole(env: dict[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
 
 
-def _positive(env: dict[str, str], name: str, default: int) -> int:
-    """A whole-number setting that must be at least 1 (a size: zero would not mean "unlimited")."""
+def _at_least(env: dict[str, str], name: str, default: int, low: int) -> int:
+    """A whole-number size that must be at least `low` (zero would not mean "unlimited")."""
     value = _whole(env, name, default)
-    if value < 1:
-        raise ConfigError(f"{name}={value} must be at least 1")
+    if value < low:
+        raise ConfigError(f"{name}={value} must be at least {low}")
     return value
 
 
@@ -53,10 +53,12 @@ class AppSettings:
     rules_file: Path | None = None
     batch_linger_ms: int = 20
     batch_max_records: int = 1000
-    # RocksDB memory of all the worker's table databases together (`streams/app/tabledb.py`)
+    # RocksDB memory of all the worker's table databases together, MiB (`streams/app/tabledb.py`); at least
+    # 16: below that the memtables (1 MiB at least, one per database) alone would pass it
     table_memory_mb: int = 256
-    # decoded rows kept per partition, most events touching profiles seen moments ago: up to twice this many
-    # profiles (about 3.6 KB each in memory) and eight times as many identifier rows (about 0.3 KB each)
+    # decoded rows kept per partition, most events touching profiles seen moments ago: two generations, each
+    # of this many profiles (about 3.6 KB each in memory) and four times as many identifier rows (about 0.3 KB
+    # each), plus the rows of the batch that fills one (`PartitionState.flush`)
     cache_rows: int = 20_000
 
     @classmethod
@@ -78,6 +80,6 @@ class AppSettings:
             rules_file=Path(rules) if rules else None,
             batch_linger_ms=_whole(env, "OMNISTITCH_BATCH_LINGER_MS", defaults.batch_linger_ms),
             batch_max_records=_whole(env, "OMNISTITCH_BATCH_MAX_RECORDS", defaults.batch_max_records),
-            table_memory_mb=_positive(env, "OMNISTITCH_TABLE_MEMORY_MB", defaults.table_memory_mb),
-            cache_rows=_positive(env, "OMNISTITCH_CACHE_ROWS", defaults.cache_rows),
+            table_memory_mb=_at_least(env, "OMNISTITCH_TABLE_MEMORY_MB", defaults.table_memory_mb, 16),
+            cache_rows=_at_least(env, "OMNISTITCH_CACHE_ROWS", defaults.cache_rows, 1),
         )

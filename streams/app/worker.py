@@ -228,7 +228,8 @@ def create_app(
     )
     wipe_tables_after_unclean_stop(Path(settings.data_dir), Path(app.conf.tabledir))
     skip_faust_recovery()
-    table_memory = share_table_memory(settings.table_memory_mb << 20)
+    # a worker holds each table partition at most once (owned or standby)
+    table_memory = share_table_memory(settings.table_memory_mb << 20, len(TABLES) * n)
     metrics.TABLE_MEMORY_BYTES.set_function(table_memory.usage_bytes)
     metrics.TABLE_MEMORY_LIMIT_BYTES.set(table_memory.budget_bytes)
     # subscribed (and co-partitioned with the tables) through faust; read by the stitch task, not an agent

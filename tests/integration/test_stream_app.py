@@ -119,11 +119,11 @@ def test_kolya_becomes_one_profile(worker: Worker, kafka_bootstrap: str) -> None
 def test_kolya_becomes_one_profile_through_the_smallest_caches(
     start_worker: Callable[..., Worker], kafka_bootstrap: str
 ) -> None:
-    """One decoded row per partition and 1 MB for RocksDB: rows of earlier batches are read back from the
-    table databases, whose memtables go to files as they fill (256 KB each, 512 KB together)."""
-    worker = start_worker(OMNISTITCH_CACHE_ROWS="1", OMNISTITCH_TABLE_MEMORY_MB="1")
+    """The smallest row cache (it keeps the rows of the current and the previous batch only) and the smallest
+    RocksDB budget: the rows of older batches are read back from the table databases."""
+    worker = start_worker(OMNISTITCH_CACHE_ROWS="1", OMNISTITCH_TABLE_MEMORY_MB="16")
     _kolya_becomes_one_profile(kafka_bootstrap)
-    assert "omnistitch_table_memory_limit_bytes 1.048576e+06" in worker.metrics()
+    assert "omnistitch_table_memory_limit_bytes 1.6777216e+07" in worker.metrics()
 
 
 def _kolya_becomes_one_profile(kafka_bootstrap: str) -> None:
