@@ -39,6 +39,7 @@ from streams.core.state import (
     IdentRecord,
     ProfileState,
     count_people,
+    is_people_code,
     neighbour_code,
     people_code,
 )
@@ -1064,13 +1065,13 @@ class IdentityGraph:
     def _index_neighbours(self) -> None:
         """Index the neighbour codes of a state written before the `n:` index existed, at its first erase.
 
-        People codes (`_track_shared`, tag 1 << 16 above the 32 bits of crc32) name profiles, not values: an
-        erase never looks them up, so they are left out, as `_track_shared` leaves them.
+        People codes (`_track_shared`) name profiles, not values: an erase never looks them up, so they are
+        left out, as `_track_shared` leaves them.
         """
         for _, raw in self.store.iter_prefix(b"p:"):
             for key, rec in ProfileState.decode(raw).ids.items():
                 for code in rec[R_NB] or ():
-                    if code >> 48 == 0:
+                    if not is_people_code(code):
                         self._writes.append((_seen_with(code, key), b""))
         self._writes.append((_NEIGHBOUR_INDEX_KEY, b"1"))
         self._neighbours_indexed = True

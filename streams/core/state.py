@@ -80,7 +80,7 @@ def is_people_code(code: int) -> bool:
 
 def count_people(codes: list[int]) -> int:
     """How many `people_code`s a neighbour list holds."""
-    return sum(1 for c in codes if c >> 32 == _PEOPLE_TAG)
+    return sum(1 for c in codes if is_people_code(c))
 
 
 class ProfileState:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,9 @@ from streams.exceptions import ConfigError
 
 
 @pytest.fixture(autouse=True)
-def _faust_open_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _faust_open_restored(monkeypatch: pytest.MonkeyPatch) -> None:
     """`share_table_memory` patches faust process-wide; later tests get faust's own `open` back."""
     monkeypatch.setattr(RocksDBOptions, "open", RocksDBOptions.open)
-    yield
 
 
 def _memtable_bytes(dbs: list[Any]) -> int:
