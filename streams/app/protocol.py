@@ -57,6 +57,7 @@ from streams.produce import murmur2_partition
 __all__ = [
     "DEFERRED_INFIX",
     "ENVELOPE_VERSION",
+    "HOLDERS_INDEXED_KEY",
     "HOLDERS_PREFIX",
     "Apply",
     "Claim",
@@ -695,6 +696,10 @@ class RowStore(Protocol):
     def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
         """The keys of the rows starting with `prefix`, in byte order (an erase's lookups, §7)."""
 
+    def items(self, table: TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+        """(key, value) of the rows starting with `prefix`, in key order, read lazily (one scan of a whole
+        table per state, §7)."""
+
     def write(self, rows: Sequence[Row]) -> None:
         """Write rows together, deleting those whose value is None: only rows of deferred messages and of
         the holders index are ever deleted (released registers and stubs stay)."""
@@ -713,6 +718,11 @@ class MemoryRowStore:
     def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
         """Keys starting with `prefix`, sorted."""
         return sorted(key for key in self.rows[table] if key.startswith(prefix))
+
+    def items(self, table: TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+        """(key, value) of the rows starting with `prefix`, sorted by key."""
+        rows = self.rows[table]
+        return [(key, rows[key]) for key in self.keys(table, prefix)]
 
     def write(self, rows: Sequence[Row]) -> None:
         """Write rows; delete those whose value is None."""
@@ -750,6 +760,8 @@ class IdRow:
 
 DEFERRED_INFIX = b"/q/"
 HOLDERS_PREFIX = b"/nb/"
+# `ids` row present once every register of the partition is in the holders index (§7)
+HOLDERS_INDEXED_KEY = b"/nb-indexed"
 
 
 def holder_key(code: int, key: str) -> bytes:
@@ -933,6 +945,8 @@ class PartitionState:
         self._dirty_ids: dict[str, IdRow] = {}
         self._dirty_p: dict[str, ProfileRow] = {}
         self._dirty_holders: dict[bytes, bool] = {}  # `holder_key` → held (written) or not (deleted)
+        self._holders_indexed = False  # `HOLDERS_INDEXED_KEY` read, or the index completed in this object
+        self._mark_holders_indexed = False  # write `HOLDERS_INDEXED_KEY` at the next flush
 
     # --- row interface ---------------------------------------------------------------------------------
 
@@ -978,6 +992,7 @@ class PartitionState:
 
     def holders(self, code: int) -> list[str]:
         """The identifiers whose registers here hold neighbour `code`: how an erase finds them (§7)."""
+        self._index_registers_once()
         prefix = b"%s%d/" % (HOLDERS_PREFIX, code)
         pairs = set(self.store.keys("ids", prefix))
         for pair, held in self._dirty_holders.items():
@@ -998,8 +1013,12 @@ class PartitionState:
 
     def flush(self) -> list[Row]:
         """Write each changed row once to the store; return them (table, key, value) for the changelog."""
+        self._index_registers_once()
         out: list[Row] = [("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()]
         out.extend(("ids", pair, b"" if held else None) for pair, held in self._dirty_holders.items())
+        if self._mark_holders_indexed:
+            out.append(("ids", HOLDERS_INDEXED_KEY, b""))
+            self._mark_holders_indexed = False
         for pid, r in self._dirty_p.items():
             out.append(("profiles", pid.encode(), r.encode()))
             out.extend(r.q.changed_rows(pid))
@@ -1015,10 +1034,33 @@ class PartitionState:
             self._ids_old, self._ids_young = self._ids_young, {}
         return out
 
-    @property
-    def dirty(self) -> bool:
-        """Whether rows changed since the last flush."""
-        return bool(self._dirty_ids or self._dirty_p or self._dirty_holders)
+    def _index_registers_once(self) -> None:
+        """Index the registers written before the holders index existed, before its first use in this state.
+
+        Registers of 0.4.1 and older are not in the index, so an erase would leave the erased value's code
+        in them (the core indexes an old state at its first erase; here each partition does it at its first
+        flush or lookup). One scan of the partition's `ids`, then a row says the index is complete: a new
+        partition has nothing to scan, and a state of 0.4.2 or 0.4.3 has its pairs already (looked up, not
+        written again). A register changed since the last flush is read from the cache, and a pair already
+        written or deleted since then is left as it is.
+        """
+        if self._holders_indexed:
+            return
+        self._holders_indexed = True
+        if self.store.get("ids", HOLDERS_INDEXED_KEY) is not None:
+            return
+        self._mark_holders_indexed = True
+        for key, raw in self.store.items("ids", b""):
+            if key.startswith(b"/"):  # the index itself
+                continue
+            name = key.decode()
+            row = self._ids_young.get(name) or self._ids_old.get(name) or IdRow.decode(raw)
+            for code in row.nb:
+                pair = holder_key(code, name)
+                if is_people_code(code) or pair in self._dirty_holders:
+                    continue
+                if self.store.get("ids", pair) is None:
+                    self._dirty_holders[pair] = True
 
 
 # ------------------------------------------------------------------------------------------------------------

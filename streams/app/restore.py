@@ -38,10 +38,12 @@ __all__ = [
     "skip_faust_recovery",
 ]
 
+# Keys of a database's own bookkeeping, beside the table's rows (never on the changelog).
+BOOKKEEPING_PREFIX = b"__omnistitch\x00"
 # The offset up to which a database holds its changelog (a decimal string), set by restores and batches.
-RESTORED_OFFSET_KEY = b"__omnistitch\x00restored__"
+RESTORED_OFFSET_KEY = BOOKKEEPING_PREFIX + b"restored__"
 # The id of the changelog topic the rows came from (a topic created again under the same name has another).
-CHANGELOG_ID_KEY = b"__omnistitch\x00changelog-id__"
+CHANGELOG_ID_KEY = BOOKKEEPING_PREFIX + b"changelog-id__"
 # Records per RocksDB write batch (each batch also moves the restored offset).
 WRITE_BATCH_RECORDS = 5_000
 # A restore that has not reached every changelog end by then fails the worker (state is rebuilt on restart).

@@ -42,6 +42,7 @@ from streams import metrics
 from streams.app.fetch import Inbox, Record, in_time_order, install_bulk_fetch
 from streams.app.protocol import Effects, PartitionState, Row, TableName
 from streams.app.restore import (
+    BOOKKEEPING_PREFIX,
     ChangelogRestorer,
     confine_faust_recovery_to_standbys,
     record_restored_offset,
@@ -90,6 +91,13 @@ class _TableRows:
     def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
         keys = self.database(table).keys(from_key=prefix)
         return [bytes(key) for key in itertools.takewhile(lambda key: key.startswith(prefix), keys)]
+
+    def items(self, table: TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+        for key, value in self.database(table).items(from_key=prefix):
+            if not key.startswith(prefix):
+                return
+            if not key.startswith(BOOKKEEPING_PREFIX):  # the restore's, not a row
+                yield key, bytes(value)
 
     def write(self, rows: Sequence[Row]) -> None:
         """One RocksDB write batch per table: a put per row cost more than encoding the row."""

@@ -840,13 +840,8 @@ class IdentityGraph:
                     parent = self._live(via[6:])
                     if parent is not None and parent.id == p.id:
                         return q_id
-                seen = 0
-                while q is not None and q.split_from is not None and seen < 64:
-                    parent = self._live(q.split_from)
-                    if parent is not None and parent.id == p.id:
-                        return q_id
-                    q = parent
-                    seen += 1
+                if p.id in self._lineage(q_id):
+                    return q_id
         return p.id
 
     def iter_identifiers(self) -> Iterator[tuple[str, str]]:
@@ -944,28 +939,43 @@ class IdentityGraph:
         if pid is not None:
             q = self._live(pid)
             if q is not None and q.status == ACTIVE:
-                rec = q.remove_identifier(target)
+                q.remove_identifier(target)
                 self._touch(q)
-                before = self._split_parents(rec)
                 if not q.ids:
-                    self._erase_profile(changes, q, event_id, at_ms)
-                    self._redact_history(before, [target])
+                    self._erase_profile(changes, q, event_id, at_ms, also_redact=[target])
                 else:
-                    self._redact_history([q.id, *q.merged_from, *before], [target])
+                    self._redact_history(self._lineage(q.id), [target])
         return tuple(changes)
 
-    def _split_parents(self, rec: IdentRecord | None) -> list[str]:
-        """The profiles an identifier was split off, with what they merged: their histories name it too."""
-        out: list[str] = []
-        via = rec[R_VIA] if rec is not None else None
-        parent = via[6:] if isinstance(via, str) and via.startswith("split:") else None
-        while parent is not None and parent not in out:
-            q = self._live(parent)
-            if q is None:
-                break
-            out.extend(pid for pid in (parent, q.id, *q.merged_from) if pid not in out)
-            parent = q.split_from
-        return out
+    def _lineage(self, profile_id: str) -> list[str]:
+        """Every profile whose history may name an identifier `profile_id` holds now: the profiles merged into
+        it and, transitively, those any of them was split off, with what those merged.
+
+        A merged-away profile's tombstone keeps no `split_from`, but the first entry of its history, a split's
+        `profile_created`, names it; only histories are redacted, so that is where to look. Following just the
+        live profile's `split_from` missed the start of a chain split, merged, then split again.
+        """
+        self.flush()
+        seen: dict[str, None] = {}
+        pending = [profile_id]
+        while pending:
+            q = self._live(pending.pop())
+            if q is None or q.id in seen:
+                continue
+            for pid in (q.id, *q.merged_from):
+                if pid in seen:
+                    continue
+                seen[pid] = None
+                parent = q.split_from if pid == q.id else self._split_parent_in_history(pid)
+                if parent is not None:
+                    pending.append(parent)
+        return list(seen)
+
+    def _split_parent_in_history(self, profile_id: str) -> str | None:
+        """The profile `profile_id` was split off, from its first history entry (None if it was not)."""
+        raw = self.store.get(f"h:{profile_id}:{1:010d}".encode())
+        parent = orjson.loads(raw).get("split_from") if raw is not None else None
+        return parent if isinstance(parent, str) else None
 
     def _redact_history(self, profile_ids: list[str], keys: list[str]) -> None:
         """Replace erased identifiers in stored history entries by a placeholder."""
@@ -1077,12 +1087,20 @@ class IdentityGraph:
         self._neighbours_indexed = True
         self.flush()
 
-    def _erase_profile(self, out: list[IdentityChange], p: ProfileState, ev_id: str | None, at: int) -> None:
+    def _erase_profile(
+        self,
+        out: list[IdentityChange],
+        p: ProfileState,
+        ev_id: str | None,
+        at: int,
+        also_redact: Sequence[str] = (),
+    ) -> None:
+        """Wipe `p`, drop its histories, and redact its identifiers (and `also_redact`, removed from it
+        already) in the histories of the profiles it descends from by splits."""
         keys = sorted(p.ids)
         gone = {p.id, *p.merged_from}
-        parents = [pid for r in p.ids.values() for pid in self._split_parents(r) if pid not in gone]
         self._erase_keys(keys)
-        self._redact_history(list(dict.fromkeys(parents)), keys)
+        self._redact_history([pid for pid in self._lineage(p.id) if pid not in gone], [*keys, *also_redact])
         for pid in [p.id, *p.merged_from]:
             for hkey, raw in list(self.store.iter_prefix(f"h:{pid}:".encode())):
                 self._drop_entry(hkey, raw)

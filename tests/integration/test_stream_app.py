@@ -14,7 +14,15 @@ import orjson
 from confluent_kafka import Producer
 from rocksdict import AccessType, Options, Rdict
 
-from streams.app.protocol import MergeAsk, MergeNo, deferred_key, encode_envelopes, home, part
+from streams.app.protocol import (
+    HOLDERS_INDEXED_KEY,
+    MergeAsk,
+    MergeNo,
+    deferred_key,
+    encode_envelopes,
+    home,
+    part,
+)
 from streams.app.restore import RESTORED_OFFSET_KEY
 from streams.app.topics import create_topics
 from streams.config import AppSettings
@@ -371,68 +379,80 @@ def test_events_deferred_while_their_profile_is_locked_wait_in_rows_that_survive
     assert again.proc.poll() is None
 
 
-def test_an_erase_in_the_stream_forgets_the_value_where_others_noted_it(
-    worker: Worker, kafka_bootstrap: str
-) -> None:
-    """Bob's e-mail and a phone, first seen apart, then together in a refused bridge: each register notes
-    the other's code, and the e-mail's partition indexes its note. Erasing the phone's profile wipes it,
-    and a `Forget` reaches every partition: the e-mail's register drops the phone's code and the index row
-    is deleted (the worker finds it by a prefix scan of its RocksDB table)."""
-    run = uuid.uuid4().hex[:10]
-    phone = f"8 916 {random.randint(100, 999)}-{random.randint(10, 99)}-{random.randint(10, 99)}"
+def _bob_and_a_phone(run: str, phone: str) -> list[dict[str, Any]]:
+    """Bob's e-mail and a phone, first seen apart, then together in a bridge the rules refuse (a first
+    unverified sighting), and last the phone's erase."""
     base = {"schema_version": 1, "source": "web", "channel": "site", "type": "page_view", "attributes": {}}
-    events = [
+    email, number = {"type": "email", "value": f"bob.{run}@mail.ru"}, {"type": "phone", "value": phone}
+    return [
         {
             **base,
             "event_id": f"{run}-bob",
             "occurred_at": "2026-11-24T09:00:00+03:00",
-            "identifiers": [{"type": "email", "value": f"bob.{run}@mail.ru"}],
+            "identifiers": [email],
         },
         {
             **base,
             "event_id": f"{run}-phone",
             "occurred_at": "2026-11-24T09:01:00+03:00",
-            "identifiers": [{"type": "phone", "value": phone}],
+            "identifiers": [number],
         },
         {
             **base,
             "event_id": f"{run}-both",
             "occurred_at": "2026-11-24T09:02:00+03:00",
-            "identifiers": [
-                {"type": "email", "value": f"bob.{run}@mail.ru"},
-                {"type": "phone", "value": phone},
-            ],
+            "identifiers": [email, number],
+        },
+        {
+            **base,
+            "type": "erase",
+            "event_id": f"{run}-erase",
+            "occurred_at": "2026-11-24T09:03:00+03:00",
+            "identifiers": [number],
         },
     ]
-    resolved = _resolve_all(kafka_bootstrap, events)
+
+
+def _latest_rows(bootstrap: str, topic: str, key: bytes) -> dict[int, bytes | None]:
+    """The last value of `key` in each partition of a changelog that has it (None: a tombstone)."""
+    found: dict[int, bytes | None] = {}
+    for message in read_topic(bootstrap, topic):
+        if message.key() == key:
+            found[message.partition() or 0] = message.value()
+    return found
+
+
+def _bridge_refused(bootstrap: str, run: str) -> bool:
+    return any(
+        v and v["kind"] == "merge_refused" and v["cause_event_id"] == f"{run}-both"
+        for _, v in topic_values(bootstrap, "identity.changes")
+    )
+
+
+def test_an_erase_in_the_stream_forgets_the_value_where_others_noted_it(
+    worker: Worker, kafka_bootstrap: str
+) -> None:
+    """Bob's e-mail and a phone, seen together in a refused bridge: each register notes the other's code, and
+    the e-mail's partition indexes its note. Erasing the phone's profile wipes it, and a `Forget` reaches
+    every partition: the e-mail's register drops the phone's code and the index row is deleted (the worker
+    finds it by a prefix scan of its RocksDB table)."""
+    run = uuid.uuid4().hex[:10]
+    phone = f"8 916 {random.randint(100, 999)}-{random.randint(10, 99)}-{random.randint(10, 99)}"
+    *seen, erase = _bob_and_a_phone(run, phone)
+    resolved = _resolve_all(kafka_bootstrap, seen)
     (email_key,) = resolved[f"{run}-bob"]["identifier_keys"]  # as stored (hashed when hashing is on)
     (phone_key,) = resolved[f"{run}-phone"]["identifier_keys"]
     erased = resolved[f"{run}-phone"]["profile_id"]
-    wait_for(
-        "the bridge refused (a first unverified sighting): two people still",
-        lambda: any(
-            v and v["kind"] == "merge_refused" and v["cause_event_id"] == f"{run}-both"
-            for _, v in topic_values(kafka_bootstrap, "identity.changes")
-        ),
-    )
+    wait_for("the bridge refused: two people still", lambda: _bridge_refused(kafka_bootstrap, run))
     ids_changelog = f"{worker.app_id}-ids-changelog"
     pair = b"/nb/%d/%s" % (neighbour_code(phone_key), email_key.encode())
+    email_partition = part(email_key, 8)
 
     def latest(key: bytes) -> tuple[bool, bytes | None]:
-        found: tuple[bool, bytes | None] = (False, None)
-        for message in read_topic(kafka_bootstrap, ids_changelog):
-            if message.key() == key:
-                found = (True, message.value())
-        return found
+        rows = _latest_rows(kafka_bootstrap, ids_changelog, key)
+        return (email_partition in rows, rows.get(email_partition))
 
     wait_for("the e-mail's note of the phone, indexed", lambda: latest(pair) == (True, b""))
-    erase = {
-        **base,
-        "type": "erase",
-        "event_id": f"{run}-erase",
-        "occurred_at": "2026-11-24T09:03:00+03:00",
-        "identifiers": [{"type": "phone", "value": phone}],
-    }
     _resolve_all(kafka_bootstrap, [erase])
     wait_for("the index row deleted", lambda: latest(pair) == (True, None))
     _, register = latest(email_key.encode())
@@ -441,6 +461,50 @@ def test_an_erase_in_the_stream_forgets_the_value_where_others_noted_it(
         v and v["kind"] == "profile_erased" and v["profile_id"] == erased
         for _, v in topic_values(kafka_bootstrap, "identity.changes")
     )
+    assert latest(HOLDERS_INDEXED_KEY) == (True, b"")  # a new partition's index is complete from the start
+
+
+def test_registers_written_before_the_holders_index_still_forget_an_erased_value(
+    start_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    """A 0.4.1 state has registers with neighbour codes and no holders index. One is made here from a new
+    state: its index rows and `/nb-indexed` rows are tombstoned on the changelog, and a second worker restores
+    the rest into an empty data dir. The erase's `Forget` then finds the e-mail's note only because the
+    partition indexes its registers at their first use (0.4.3 found none, and the code stayed)."""
+    run = uuid.uuid4().hex[:10]
+    phone = f"8 916 {random.randint(100, 999)}-{random.randint(10, 99)}-{random.randint(10, 99)}"
+    *seen, erase = _bob_and_a_phone(run, phone)
+    worker = start_worker()
+    resolved = _resolve_all(kafka_bootstrap, seen)
+    (email_key,) = resolved[f"{run}-bob"]["identifier_keys"]
+    (phone_key,) = resolved[f"{run}-phone"]["identifier_keys"]
+    code = neighbour_code(phone_key)
+    wait_for("the bridge refused: two people still", lambda: _bridge_refused(kafka_bootstrap, run))
+    ids_changelog = f"{worker.app_id}-ids-changelog"
+    pair = b"/nb/%d/%s" % (code, email_key.encode())
+    wait_for("the pair indexed", lambda: b"" in _latest_rows(kafka_bootstrap, ids_changelog, pair).values())
+    worker.stop()
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    index_rows = {
+        (m.key(), m.partition())
+        for m in read_topic(kafka_bootstrap, ids_changelog)
+        if (m.key() or b"").startswith(b"/nb") and m.value() is not None
+    }
+    assert (HOLDERS_INDEXED_KEY, part(email_key, 8)) in index_rows
+    for key, partition in index_rows:
+        producer.produce(ids_changelog, key=key, value=None, partition=partition)
+    assert producer.flush(30) == 0
+
+    def email_register() -> list[int]:
+        rows = _latest_rows(kafka_bootstrap, ids_changelog, email_key.encode())
+        return list(orjson.loads(rows[part(email_key, 8)] or b"{}").get("nb", ()))
+
+    assert code in email_register()
+    again = start_worker(app_id=worker.app_id)
+    _resolve_all(kafka_bootstrap, [erase])
+    wait_for("the e-mail's register forgot the phone", lambda: code not in email_register())
+    assert _latest_rows(kafka_bootstrap, ids_changelog, HOLDERS_INDEXED_KEY).get(part(email_key, 8)) == b""
+    assert again.proc.poll() is None
 
 
 def _page_view(event_id: str, cookie: str, note: str = "") -> dict[str, Any]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from streams.app.protocol import (
     DEFERRED_INFIX,
+    HOLDERS_INDEXED_KEY,
     HOLDERS_PREFIX,
     Effects,
     IdRow,
@@ -59,6 +60,7 @@ class Final:
     deferred_rows: int = 0  # rows of deferred messages (each profile's are read into its `q`, too)
     # (partition, neighbour code, identifier): its register there holds the code (the erase's index, §7)
     holders: set[tuple[int, int, str]] = field(default_factory=set)
+    holders_indexed: set[int] = field(default_factory=set)  # partitions whose index is complete
 
     def resolve(self, pid: str | None) -> str | None:
         """Follow stubs to the live profile; None for no profile, erased or unknown."""
@@ -200,7 +202,9 @@ class Sim:
         out = Final(self.n)
         for partition, store in enumerate(self.committed):
             for key, raw in store.rows["ids"].items():
-                if key.startswith(HOLDERS_PREFIX):
+                if key == HOLDERS_INDEXED_KEY:
+                    out.holders_indexed.add(partition)
+                elif key.startswith(HOLDERS_PREFIX):
                     code, held = key[len(HOLDERS_PREFIX) :].split(b"/", 1)
                     out.holders.add((partition, int(code), held.decode()))
                 else:

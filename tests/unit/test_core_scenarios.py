@@ -403,6 +403,33 @@ def test_erasing_a_split_off_identifier_redacts_it_in_the_parents_split_entry() 
         assert split["identifiers"] == ["<erased>"] and split["split_profile_id"] == new_id
 
 
+def test_an_erase_redacts_the_start_of_a_chain_split_merged_then_split_again() -> None:
+    """A's phone is split off into B, B merges into the older C, C splits the phone off into D. A's history
+    names the phone; neither D nor C has A as its `split_from` (B's tombstone does not keep it), so 0.4.3
+    left the phone in A's entries, and left the phone's first event with A."""
+    phone = "phone:+79160000001"
+    for erase_profile in (False, True):
+        g = IdentityGraph()
+        g.link(ev("0", "email:c@x.com", at=500))
+        first = g.link(ev("1", "email:a@x.com", phone, "cookie_id:k1", at=1_000))
+        a = first.profile_id
+        assert a is not None and first.anchor == phone
+        g.split(a, [phone, "cookie_id:k1"], reason="two people")
+        merge = g.link(ev("2", phone, "email:c@x.com", at=2_000, verified=(phone, "email:c@x.com")))
+        assert [c.kind for c in merge.changes] == [ChangeKind.MERGED]
+        assert merge.profile_id is not None
+        d, _ = g.split(merge.profile_id, [phone, "cookie_id:k1"], reason="again")
+        # the phone's first event follows it down the same chain (0.4.3 stopped at C's missing `split_from`)
+        assert g.final_profile(a, first.anchor) == d
+        g.erase(d if erase_profile else phone)
+        assert b"+79160000001" not in _dump(g)
+        cookie = "<erased>" if erase_profile else "cookie_id:k1"  # D held it too
+        assert [e["identifiers"] for e in g.history(a)] == [
+            [cookie, "email:a@x.com", "<erased>"],
+            [cookie, "<erased>"],
+        ]
+
+
 def test_an_identifier_known_only_from_a_refusal_can_be_erased_and_explained() -> None:
     g = IdentityGraph()
     g.link(ev("1", "customer_id:c1", "phone:+79160000001"))

@@ -92,6 +92,7 @@ def assert_holders_index_exact(final: Final) -> None:
         if not is_people_code(code)
     }
     assert final.holders == held
+    assert {part(key, final.n) for key in final.ids} <= final.holders_indexed
 
 
 def assert_registers_agree(final: Final) -> dict[str, str]:
@@ -793,6 +794,52 @@ def test_a_value_seen_with_many_registers_makes_no_large_index_row() -> None:
     assert all(
         code not in IdRow.decode(v).nb for k, v in store.rows["ids"].items() if k.startswith(b"cookie")
     )
+
+
+class _CountingRows(MemoryRowStore):
+    """Counts whole-table scans (`items`), the cost of indexing a state once."""
+
+    scans = 0
+
+    def items(self, table: protocol.TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+        self.scans += 1
+        return super().items(table, prefix)
+
+
+def test_registers_written_before_the_holders_index_are_indexed_at_the_first_use() -> None:
+    """0.4.1 wrote registers with neighbour codes and no holders index, so an erase's `Forget` found none of
+    them and the erased phone's code stayed. A partition now indexes what it holds once, at its first flush
+    or lookup, and says so in a row; a state of 0.4.2 or later only gets that row."""
+    phone, code = "phone:+79160000001", neighbour_code("phone:+79160000001")
+    live = MemoryRowStore()
+    st = PartitionState(0, 1, load_rules(), live)
+    for i in range(4):
+        ingest(st, _ev(f"a{i}", f"email:p{i}@x.ru", phone, at=1_000 + i))
+    live.write(st.flush())
+    assert live.get("ids", protocol.HOLDERS_INDEXED_KEY) is not None  # a new partition: nothing to scan
+    index = {k: v for k, v in live.rows["ids"].items() if k.startswith(protocol.HOLDERS_PREFIX)}
+    assert len([k for k in index if k.startswith(b"/nb/%d/" % code)]) == 4
+    old = _CountingRows({"ids": {k: v for k, v in live.rows["ids"].items() if not k.startswith(b"/")}})
+    old.rows["profiles"] = dict(live.rows["profiles"])
+    st = PartitionState(0, 1, load_rules(), old)
+    handle(st, protocol.Forget(0, (code,)))
+    written = st.flush()
+    old.write(written)
+    assert not [
+        k for k, v in old.rows["ids"].items() if not k.startswith(b"/") and code in IdRow.decode(v).nb
+    ]
+    assert {k for k in old.rows["ids"] if k.startswith(b"/")} == {
+        protocol.HOLDERS_INDEXED_KEY,
+        *(k for k in index if not k.startswith(b"/nb/%d/" % code)),
+    }
+    assert old.scans == 1
+    again = PartitionState(0, 1, load_rules(), old)
+    again.holders(code)
+    assert again.flush() == [] and old.scans == 1
+    newer = MemoryRowStore(
+        {"ids": {k: v for k, v in live.rows["ids"].items() if k != protocol.HOLDERS_INDEXED_KEY}}
+    )
+    assert PartitionState(0, 1, load_rules(), newer).flush() == [("ids", protocol.HOLDERS_INDEXED_KEY, b"")]
 
 
 def assert_no_register_names_an_erased_profile(final: Final) -> None:
