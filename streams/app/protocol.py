@@ -57,8 +57,9 @@ from streams.produce import murmur2_partition
 __all__ = [
     "DEFERRED_INFIX",
     "ENVELOPE_VERSION",
-    "HOLDERS_INDEXED_KEY",
+    "FORGOTTEN_WHILE_INDEXING_KEY",
     "HOLDERS_PREFIX",
+    "INDEX_PROGRESS_KEY",
     "Apply",
     "Claim",
     "ClaimGeneric",
@@ -696,9 +697,9 @@ class RowStore(Protocol):
     def keys(self, table: TableName, prefix: bytes) -> Iterable[bytes]:
         """The keys of the rows starting with `prefix`, in byte order (an erase's lookups, §7)."""
 
-    def items(self, table: TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
-        """(key, value) of the rows starting with `prefix`, in key order, read lazily (one scan of a whole
-        table per state, §7)."""
+    def items(self, table: TableName, start: bytes) -> Iterable[tuple[bytes, bytes]]:
+        """(key, value) of the rows from key `start` on, in key order, read lazily (indexing old registers
+        a step at a time, §7)."""
 
     def write(self, rows: Sequence[Row]) -> None:
         """Write rows together, deleting those whose value is None: only rows of deferred messages and of
@@ -719,10 +720,10 @@ class MemoryRowStore:
         """Keys starting with `prefix`, sorted."""
         return sorted(key for key in self.rows[table] if key.startswith(prefix))
 
-    def items(self, table: TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
-        """(key, value) of the rows starting with `prefix`, sorted by key."""
+    def items(self, table: TableName, start: bytes) -> Iterable[tuple[bytes, bytes]]:
+        """(key, value) of the rows from key `start` on, sorted by key."""
         rows = self.rows[table]
-        return [(key, rows[key]) for key in self.keys(table, prefix)]
+        return [(key, rows[key]) for key in sorted(rows) if key >= start]
 
     def write(self, rows: Sequence[Row]) -> None:
         """Write rows; delete those whose value is None."""
@@ -760,8 +761,16 @@ class IdRow:
 
 DEFERRED_INFIX = b"/q/"
 HOLDERS_PREFIX = b"/nb/"
-# `ids` row present once every register of the partition is in the holders index (§7)
-HOLDERS_INDEXED_KEY = b"/nb-indexed"
+# `ids` row of indexing the registers written before the holders index existed (0.4.1 and older, §7): empty
+# once every register of the partition is in the index, else the key of the register the next step starts at
+INDEX_PROGRESS_KEY = b"/nb-indexed"
+# `ids` row, while that indexing goes on: the codes erased meanwhile (an orjson list), which registers not
+# indexed yet drop when it reaches them
+FORGOTTEN_WHILE_INDEXING_KEY = b"/nb-forgotten"
+# Where that indexing starts: after every `/` key (the index's own rows), at the first register
+FIRST_REGISTER_KEY = b"0"
+# Registers indexed per flush: a partition of millions takes many batches, none of them long
+INDEX_STEP_REGISTERS = 20_000
 
 
 def holder_key(code: int, key: str) -> bytes:
@@ -945,8 +954,11 @@ class PartitionState:
         self._dirty_ids: dict[str, IdRow] = {}
         self._dirty_p: dict[str, ProfileRow] = {}
         self._dirty_holders: dict[bytes, bool] = {}  # `holder_key` → held (written) or not (deleted)
-        self._holders_indexed = False  # `HOLDERS_INDEXED_KEY` read, or the index completed in this object
-        self._mark_holders_indexed = False  # write `HOLDERS_INDEXED_KEY` at the next flush
+        self._index_read = False  # `INDEX_PROGRESS_KEY` and `FORGOTTEN_WHILE_INDEXING_KEY` read
+        self._index_next: bytes | None = None  # the next register to index; None once all are
+        self._forgotten_while_indexing: set[int] = set()
+        self._forgotten_stored = False  # `FORGOTTEN_WHILE_INDEXING_KEY` is in the store
+        self._forgotten_changed = False
 
     # --- row interface ---------------------------------------------------------------------------------
 
@@ -992,7 +1004,6 @@ class PartitionState:
 
     def holders(self, code: int) -> list[str]:
         """The identifiers whose registers here hold neighbour `code`: how an erase finds them (§7)."""
-        self._index_registers_once()
         prefix = b"%s%d/" % (HOLDERS_PREFIX, code)
         pairs = set(self.store.keys("ids", prefix))
         for pair, held in self._dirty_holders.items():
@@ -1011,14 +1022,19 @@ class PartitionState:
         """Index that `key`'s register no longer holds `code` (deleted at the next flush)."""
         self._dirty_holders[holder_key(code, key)] = False
 
+    def forget_unindexed(self, code: int) -> None:
+        """An erased `code`, for the registers not indexed yet (§7): they drop it when the indexing reaches
+        them (`holders` finds only the indexed ones)."""
+        if self._index_position() is not None and code not in self._forgotten_while_indexing:
+            self._forgotten_while_indexing.add(code)
+            self._forgotten_changed = True
+
     def flush(self) -> list[Row]:
         """Write each changed row once to the store; return them (table, key, value) for the changelog."""
-        self._index_registers_once()
+        indexing = self._index_step()
         out: list[Row] = [("ids", k.encode(), r.encode()) for k, r in self._dirty_ids.items()]
         out.extend(("ids", pair, b"" if held else None) for pair, held in self._dirty_holders.items())
-        if self._mark_holders_indexed:
-            out.append(("ids", HOLDERS_INDEXED_KEY, b""))
-            self._mark_holders_indexed = False
+        out.extend(indexing)
         for pid, r in self._dirty_p.items():
             out.append(("profiles", pid.encode(), r.encode()))
             out.extend(r.q.changed_rows(pid))
@@ -1034,33 +1050,66 @@ class PartitionState:
             self._ids_old, self._ids_young = self._ids_young, {}
         return out
 
-    def _index_registers_once(self) -> None:
-        """Index the registers written before the holders index existed, before its first use in this state.
+    def _index_position(self) -> bytes | None:
+        """The register the next indexing step starts at, None when the index is complete (read once)."""
+        if not self._index_read:
+            self._index_read = True
+            progress = self.store.get("ids", INDEX_PROGRESS_KEY)
+            self._index_next = FIRST_REGISTER_KEY if progress is None else progress or None
+            forgotten = self.store.get("ids", FORGOTTEN_WHILE_INDEXING_KEY)
+            self._forgotten_stored = forgotten is not None
+            self._forgotten_while_indexing = set(orjson.loads(forgotten)) if forgotten else set()
+        return self._index_next
+
+    def _index_step(self) -> list[Row]:
+        """Index up to `INDEX_STEP_REGISTERS` registers written before the holders index existed; the rows
+        that record how far it got.
 
         Registers of 0.4.1 and older are not in the index, so an erase would leave the erased value's code
-        in them (the core indexes an old state at its first erase; here each partition does it at its first
-        flush or lookup). One scan of the partition's `ids`, then a row says the index is complete: a new
-        partition has nothing to scan, and a state of 0.4.2 or 0.4.3 has its pairs already (looked up, not
-        written again). A register changed since the last flush is read from the cache, and a pair already
-        written or deleted since then is left as it is.
+        in them (the core indexes an old state at its first erase, at once). A partition goes through its
+        registers in key order, a step per flush, from where the last step stopped (also after a restart or
+        a rebalance): each code not indexed yet gets its pair, or is dropped if it was erased meanwhile. A
+        new partition has nothing to index and is complete at its first flush; a state of 0.4.2 or 0.4.3
+        has its pairs already (looked up, not written again). A register changed since the last flush is
+        read from the cache.
         """
-        if self._holders_indexed:
-            return
-        self._holders_indexed = True
-        if self.store.get("ids", HOLDERS_INDEXED_KEY) is not None:
-            return
-        self._mark_holders_indexed = True
-        for key, raw in self.store.items("ids", b""):
-            if key.startswith(b"/"):  # the index itself
-                continue
-            name = key.decode()
-            row = self._ids_young.get(name) or self._ids_old.get(name) or IdRow.decode(raw)
-            for code in row.nb:
-                pair = holder_key(code, name)
-                if is_people_code(code) or pair in self._dirty_holders:
-                    continue
-                if self.store.get("ids", pair) is None:
-                    self._dirty_holders[pair] = True
+        position = self._index_position()
+        if position is None:
+            return []
+        stop = None
+        for scanned, (key, raw) in enumerate(self.store.items("ids", position)):
+            if scanned == INDEX_STEP_REGISTERS:
+                stop = key
+                break
+            self._index_register(key.decode(), raw)
+        self._index_next = stop
+        rows: list[Row] = [("ids", INDEX_PROGRESS_KEY, b"" if stop is None else stop)]
+        if stop is None:
+            self._forgotten_while_indexing = set()
+            if self._forgotten_stored:
+                rows.append(("ids", FORGOTTEN_WHILE_INDEXING_KEY, None))
+        elif self._forgotten_changed:
+            rows.append(
+                ("ids", FORGOTTEN_WHILE_INDEXING_KEY, orjson.dumps(sorted(self._forgotten_while_indexing)))
+            )
+            self._forgotten_stored = True
+        self._forgotten_changed = False
+        return rows
+
+    def _index_register(self, key: str, raw: bytes) -> None:
+        """Index the codes of one register that are not indexed; drop those erased while indexing."""
+        row = self._ids_young.get(key) or self._ids_old.get(key) or IdRow.decode(raw)
+        kept: list[int] = []
+        for code in row.nb:
+            pair = holder_key(code, key)
+            if is_people_code(code) or pair in self._dirty_holders or self.store.get("ids", pair) is not None:
+                kept.append(code)  # not indexed, or noted or forgotten since the upgrade: as it is
+            elif code not in self._forgotten_while_indexing:
+                kept.append(code)
+                self._dirty_holders[pair] = True
+        if len(kept) < len(row.nb):
+            row.nb = kept
+            self.put_id(key, row)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1346,6 +1395,7 @@ def _forget_everywhere(ctx: _Ctx, keys: Iterable[str]) -> None:
 def _forget(ctx: _Ctx, m: Forget) -> None:
     st = ctx.st
     for code in m.codes:
+        st.forget_unindexed(code)
         for key in st.holders(code):
             row = st.get_id(key)
             if row is not None and code in row.nb:

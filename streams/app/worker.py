@@ -92,10 +92,8 @@ class _TableRows:
         keys = self.database(table).keys(from_key=prefix)
         return [bytes(key) for key in itertools.takewhile(lambda key: key.startswith(prefix), keys)]
 
-    def items(self, table: TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
-        for key, value in self.database(table).items(from_key=prefix):
-            if not key.startswith(prefix):
-                return
+    def items(self, table: TableName, start: bytes) -> Iterable[tuple[bytes, bytes]]:
+        for key, value in self.database(table).items(from_key=start):
             if not key.startswith(BOOKKEEPING_PREFIX):  # the restore's, not a row
                 yield key, bytes(value)
 

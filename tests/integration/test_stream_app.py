@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 from rocksdict import AccessType, Options, Rdict
 
 from streams.app.protocol import (
-    HOLDERS_INDEXED_KEY,
+    INDEX_PROGRESS_KEY,
     MergeAsk,
     MergeNo,
     deferred_key,
@@ -461,7 +461,7 @@ def test_an_erase_in_the_stream_forgets_the_value_where_others_noted_it(
         v and v["kind"] == "profile_erased" and v["profile_id"] == erased
         for _, v in topic_values(kafka_bootstrap, "identity.changes")
     )
-    assert latest(HOLDERS_INDEXED_KEY) == (True, b"")  # a new partition's index is complete from the start
+    assert latest(INDEX_PROGRESS_KEY) == (True, b"")  # a new partition's index is complete from the start
 
 
 def test_registers_written_before_the_holders_index_still_forget_an_erased_value(
@@ -469,8 +469,8 @@ def test_registers_written_before_the_holders_index_still_forget_an_erased_value
 ) -> None:
     """A 0.4.1 state has registers with neighbour codes and no holders index. One is made here from a new
     state: its index rows and `/nb-indexed` rows are tombstoned on the changelog, and a second worker restores
-    the rest into an empty data dir. The erase's `Forget` then finds the e-mail's note only because the
-    partition indexes its registers at their first use (0.4.3 found none, and the code stayed)."""
+    the rest into an empty data dir. The e-mail's register forgets the phone only because the partition
+    indexes its old registers at its flushes (0.4.3 found none, and the code stayed)."""
     run = uuid.uuid4().hex[:10]
     phone = f"8 916 {random.randint(100, 999)}-{random.randint(10, 99)}-{random.randint(10, 99)}"
     *seen, erase = _bob_and_a_phone(run, phone)
@@ -490,7 +490,7 @@ def test_registers_written_before_the_holders_index_still_forget_an_erased_value
         for m in read_topic(kafka_bootstrap, ids_changelog)
         if (m.key() or b"").startswith(b"/nb") and m.value() is not None
     }
-    assert (HOLDERS_INDEXED_KEY, part(email_key, 8)) in index_rows
+    assert (INDEX_PROGRESS_KEY, part(email_key, 8)) in index_rows
     for key, partition in index_rows:
         producer.produce(ids_changelog, key=key, value=None, partition=partition)
     assert producer.flush(30) == 0
@@ -503,7 +503,7 @@ def test_registers_written_before_the_holders_index_still_forget_an_erased_value
     again = start_worker(app_id=worker.app_id)
     _resolve_all(kafka_bootstrap, [erase])
     wait_for("the e-mail's register forgot the phone", lambda: code not in email_register())
-    assert _latest_rows(kafka_bootstrap, ids_changelog, HOLDERS_INDEXED_KEY).get(part(email_key, 8)) == b""
+    assert _latest_rows(kafka_bootstrap, ids_changelog, INDEX_PROGRESS_KEY).get(part(email_key, 8)) == b""
     assert again.proc.poll() is None
 
 

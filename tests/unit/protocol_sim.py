@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 from streams.app.protocol import (
     DEFERRED_INFIX,
-    HOLDERS_INDEXED_KEY,
+    FORGOTTEN_WHILE_INDEXING_KEY,
     HOLDERS_PREFIX,
+    INDEX_PROGRESS_KEY,
     Effects,
     IdRow,
     MemoryRowStore,
@@ -202,8 +203,11 @@ class Sim:
         out = Final(self.n)
         for partition, store in enumerate(self.committed):
             for key, raw in store.rows["ids"].items():
-                if key == HOLDERS_INDEXED_KEY:
-                    out.holders_indexed.add(partition)
+                if key == INDEX_PROGRESS_KEY:
+                    if raw == b"":
+                        out.holders_indexed.add(partition)
+                elif key == FORGOTTEN_WHILE_INDEXING_KEY:
+                    continue
                 elif key.startswith(HOLDERS_PREFIX):
                     code, held = key[len(HOLDERS_PREFIX) :].split(b"/", 1)
                     out.holders.add((partition, int(code), held.decode()))

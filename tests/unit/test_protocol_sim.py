@@ -797,49 +797,93 @@ def test_a_value_seen_with_many_registers_makes_no_large_index_row() -> None:
 
 
 class _CountingRows(MemoryRowStore):
-    """Counts whole-table scans (`items`), the cost of indexing a state once."""
+    """Counts table scans (`items`): the cost of indexing a state."""
 
     scans = 0
 
-    def items(self, table: protocol.TableName, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+    def items(self, table: protocol.TableName, start: bytes) -> Iterable[tuple[bytes, bytes]]:
         self.scans += 1
-        return super().items(table, prefix)
+        return super().items(table, start)
 
 
-def test_registers_written_before_the_holders_index_are_indexed_at_the_first_use() -> None:
-    """0.4.1 wrote registers with neighbour codes and no holders index, so an erase's `Forget` found none of
-    them and the erased phone's code stayed. A partition now indexes what it holds once, at its first flush
-    or lookup, and says so in a row; a state of 0.4.2 or later only gets that row."""
-    phone, code = "phone:+79160000001", neighbour_code("phone:+79160000001")
+def _an_old_partition() -> tuple[MemoryRowStore, dict[bytes, bytes], int]:
+    """Four e-mails each seen with one phone, as 0.4.1 left them: registers that note each other's codes and
+    no holders index. Also the index a new partition has for them, and the phone's code."""
+    phone = "phone:+79160000001"
     live = MemoryRowStore()
     st = PartitionState(0, 1, load_rules(), live)
     for i in range(4):
         ingest(st, _ev(f"a{i}", f"email:p{i}@x.ru", phone, at=1_000 + i))
     live.write(st.flush())
-    assert live.get("ids", protocol.HOLDERS_INDEXED_KEY) is not None  # a new partition: nothing to scan
+    assert live.get("ids", protocol.INDEX_PROGRESS_KEY) == b""  # a new partition: complete at once
     index = {k: v for k, v in live.rows["ids"].items() if k.startswith(protocol.HOLDERS_PREFIX)}
+    code = neighbour_code(phone)
     assert len([k for k in index if k.startswith(b"/nb/%d/" % code)]) == 4
     old = _CountingRows({"ids": {k: v for k, v in live.rows["ids"].items() if not k.startswith(b"/")}})
     old.rows["profiles"] = dict(live.rows["profiles"])
+    return old, index, code
+
+
+def _holding(store: MemoryRowStore, code: int) -> list[bytes]:
+    return [k for k, v in store.rows["ids"].items() if not k.startswith(b"/") and code in IdRow.decode(v).nb]
+
+
+def test_registers_written_before_the_holders_index_are_indexed_at_the_first_flush() -> None:
+    """0.4.1 wrote registers with neighbour codes and no holders index, so an erase's `Forget` found none of
+    them and the erased phone's code stayed. A partition now indexes its registers at its flushes; a code
+    erased before the indexing reached its register is dropped from it then. A row says the index is
+    complete; a state of 0.4.2 or later, whose pairs are there, only gets that row."""
+    old, index, code = _an_old_partition()
     st = PartitionState(0, 1, load_rules(), old)
-    handle(st, protocol.Forget(0, (code,)))
-    written = st.flush()
-    old.write(written)
-    assert not [
-        k for k, v in old.rows["ids"].items() if not k.startswith(b"/") and code in IdRow.decode(v).nb
-    ]
-    assert {k for k in old.rows["ids"] if k.startswith(b"/")} == {
-        protocol.HOLDERS_INDEXED_KEY,
-        *(k for k in index if not k.startswith(b"/nb/%d/" % code)),
+    handle(st, protocol.Forget(0, (code,)))  # finds no holder: nothing is indexed yet
+    old.write(st.flush())
+    assert not _holding(old, code)
+    assert {k: v for k, v in old.rows["ids"].items() if k.startswith(b"/")} == {
+        protocol.INDEX_PROGRESS_KEY: b"",
+        **{k: v for k, v in index.items() if not k.startswith(b"/nb/%d/" % code)},
     }
     assert old.scans == 1
     again = PartitionState(0, 1, load_rules(), old)
-    again.holders(code)
     assert again.flush() == [] and old.scans == 1
     newer = MemoryRowStore(
-        {"ids": {k: v for k, v in live.rows["ids"].items() if k != protocol.HOLDERS_INDEXED_KEY}}
+        {"ids": {k: v for k, v in old.rows["ids"].items() if k != protocol.INDEX_PROGRESS_KEY}}
     )
-    assert PartitionState(0, 1, load_rules(), newer).flush() == [("ids", protocol.HOLDERS_INDEXED_KEY, b"")]
+    assert PartitionState(0, 1, load_rules(), newer).flush() == [("ids", protocol.INDEX_PROGRESS_KEY, b"")]
+
+
+def test_a_large_old_partition_is_indexed_a_step_per_flush_across_an_erase_and_a_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two registers per flush here (20,000 in the worker, so no batch of a partition of millions takes
+    long). The phone is erased after the first step: the two registers indexed so far are found by the
+    index, the others drop the code when the indexing reaches them, also in a new state object (a restart)
+    that reads where to go on and what was erased. A register that notes the phone again after the erase
+    keeps it."""
+    monkeypatch.setattr(protocol, "INDEX_STEP_REGISTERS", 2)
+    old, _, code = _an_old_partition()
+    fresh = "email:q@x.ru"  # sorts after the four, before the phone
+    old.rows["ids"][fresh.encode()] = IdRow("P", False, []).encode()
+    st = PartitionState(0, 1, load_rules(), old)
+    old.write(st.flush())
+    assert old.get("ids", protocol.INDEX_PROGRESS_KEY) == b"email:p2@x.ru"
+    handle(st, protocol.Forget(0, (code,)))
+    row = st.get_id(fresh)
+    assert row is not None
+    row.nb.append(code)
+    st.put_id(fresh, row)
+    st.hold(code, fresh)
+    old.write(st.flush())
+    assert old.get("ids", protocol.INDEX_PROGRESS_KEY) == fresh.encode()
+    assert old.get("ids", protocol.FORGOTTEN_WHILE_INDEXING_KEY) == orjson.dumps([code])
+    assert _holding(old, code) == [fresh.encode()]
+    restarted = PartitionState(0, 1, load_rules(), old)
+    written = restarted.flush()
+    old.write(written)
+    assert ("ids", protocol.FORGOTTEN_WHILE_INDEXING_KEY, None) in written
+    assert old.get("ids", protocol.INDEX_PROGRESS_KEY) == b""
+    assert _holding(old, code) == [fresh.encode()]
+    assert old.get("ids", b"/nb/%d/%s" % (code, fresh.encode())) == b""
+    assert old.scans == 3
 
 
 def assert_no_register_names_an_erased_profile(final: Final) -> None:
