@@ -29,6 +29,7 @@ from rocksdict import WriteBatch
 from streams.topic_reader import committed_messages, end_offsets, topic_ids
 
 __all__ = [
+    "BOOKKEEPING_PREFIX",
     "CHANGELOG_ID_KEY",
     "RESTORED_OFFSET_KEY",
     "ChangelogRestorer",

@@ -34,6 +34,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
+from faust.stores.rocksdb import Store as RocksDBStore
 from faust.types import ConsumerT, TableT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rocksdict import WriteBatch
@@ -71,6 +72,9 @@ log = logging.getLogger(__name__)
 RECOVERY_POLL_SECONDS = 0.05
 TABLES: tuple[TableName, ...] = ("ids", "profiles")
 PRODUCER_BATCH_BYTES = 1024 * 1024
+# Keys of a table database that are not the table's rows: the restore's bookkeeping, and the offset faust
+# writes into a database it keeps as a standby (still there when the partition becomes this worker's)
+_NOT_ROWS = (BOOKKEEPING_PREFIX, RocksDBStore.offset_key)
 
 
 class _TableRows:
@@ -94,7 +98,7 @@ class _TableRows:
 
     def items(self, table: TableName, start: bytes) -> Iterable[tuple[bytes, bytes]]:
         for key, value in self.database(table).items(from_key=start):
-            if not key.startswith(BOOKKEEPING_PREFIX):  # the restore's, not a row
+            if not key.startswith(_NOT_ROWS):
                 yield key, bytes(value)
 
     def write(self, rows: Sequence[Row]) -> None:

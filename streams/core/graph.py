@@ -13,6 +13,9 @@ Store layout (all keys bytes, values orjson unless said):
     r:<type:value>:<profile id>:<seq>
                             → key of a refusal naming this identifier, pinned on the event's profile (often
                               not the identifier's own): `explain` lists it, erasing the identifier drops it
+    s:<profile id>          → [profiles it or, once it is erased, a profile it had absorbed was split off]
+                              (kept after erases: profile ids are opaque, and erasing an identifier walks
+                              these to the histories that name it)
     m:stats                 → counters
 """
 
@@ -88,6 +91,7 @@ _NOTHING = LinkResult(None, _NO_CHANGES, None)
 _STATS_KEY = b"m:stats"
 # present once every neighbour code records hold is in the `n:` index (states from before 0.3.4 lack both)
 _NEIGHBOUR_INDEX_KEY = b"m:neighbour-index"
+_SPLIT_PREFIX = b"s:"
 _SHARED_MARK = b"s"
 
 
@@ -159,6 +163,10 @@ class IdentityGraph:
         self._on_event = on_event
         self._p_young: dict[str, ProfileState] = {}
         self._p_old: dict[str, ProfileState] = {}
+        # operations under way (link, split, erase): they hold decoded profiles, so the profile cache does not
+        # rotate meanwhile. Dropping one they hold would have the next read decode a second copy, and the
+        # copy touched last overwrite the other's changes (a refusal's `seq` went back by two, caches of one)
+        self._holding = 0
         self._b_young: dict[str, bytes] = {}  # encoded as last written to the store
         self._b_old: dict[str, bytes] = {}
         self._i_young: dict[str, str] = {}  # "" = known absent (deleted since the last flush)
@@ -195,6 +203,8 @@ class IdentityGraph:
         ):
             self.stats.setdefault(name, 0)
         self.stats.setdefault("refusals", {})
+        if self.stats["splits"] and next(iter(self.store.iter_prefix(_SPLIT_PREFIX)), None) is None:
+            self._record_old_splits()
 
     @property
     def cache_profiles(self) -> int:
@@ -232,7 +242,7 @@ class IdentityGraph:
                         self._b_young[pid] = raw
                 p = ProfileState.decode(raw)
             self._p_young[pid] = p
-            if len(self._p_young) > self._cache_profiles and not self._dirty_p:
+            if len(self._p_young) > self._cache_profiles and not self._dirty_p and not self._holding:
                 # nothing waits for a flush (the replay's final step, explain, lookups): rotate now, or a
                 # read-only pass over every profile keeps them all decoded (4 KB each)
                 self._p_old, self._p_young = self._p_young, {}
@@ -273,7 +283,7 @@ class IdentityGraph:
         self._dirty_i.clear()
         self._writes = []
         self._since_flush = 0
-        if len(self._p_young) > self._cache_profiles:
+        if len(self._p_young) > self._cache_profiles and not self._holding:
             self._p_old, self._p_young = self._p_young, {}
         if len(self._b_young) > self._cold_profiles:
             self._p_complete = self._p_complete and not self._b_old
@@ -355,6 +365,13 @@ class IdentityGraph:
         self._since_flush += 1
         if self._since_flush >= self._flush_every:
             self.flush()
+        self._holding += 1
+        try:
+            return self._link(ev)
+        finally:
+            self._holding -= 1
+
+    def _link(self, ev: NormalizedEvent) -> LinkResult:
         if ev.type == ERASE_TYPE:
             return self._erase_event(ev)
         # hot path: every identifier known, none generic, all in one live profile; pure dict lookups, the
@@ -840,7 +857,7 @@ class IdentityGraph:
                     parent = self._live(via[6:])
                     if parent is not None and parent.id == p.id:
                         return q_id
-                if p.id in self._lineage(q_id):
+                if p.id in self._lineage(q_id):  # stops where it finds it
                     return q_id
         return p.id
 
@@ -878,6 +895,15 @@ class IdentityGraph:
         self, profile_id: str, identifiers: Sequence[str], *, at_ms: int | None = None, reason: str = ""
     ) -> tuple[str, tuple[IdentityChange, ...]]:
         """Unmerge: move `identifiers` (and their future events) to a new profile that never re-merges."""
+        self._holding += 1
+        try:
+            return self._split(profile_id, identifiers, at_ms, reason)
+        finally:
+            self._holding -= 1
+
+    def _split(
+        self, profile_id: str, identifiers: Sequence[str], at_ms: int | None, reason: str
+    ) -> tuple[str, tuple[IdentityChange, ...]]:
         p = self._live(profile_id)
         if p is None or p.status != ACTIVE:
             raise UnknownProfileOrIdentifier(f"no live profile {profile_id}")
@@ -890,6 +916,7 @@ class IdentityGraph:
         at = p.last_ms if at_ms is None else at_ms
         n = ProfileState(derive_split_id(p.id, keys, p.seq, at), at)
         n.split_from = p.id
+        self._writes.append((_SPLIT_PREFIX + n.id.encode(), orjson.dumps([p.id])))
         for key in keys:
             rec = p.remove_identifier(key)
             assert rec is not None
@@ -926,6 +953,13 @@ class IdentityGraph:
         self, target: str, *, event_id: str | None = None, at_ms: int = 0
     ) -> tuple[IdentityChange, ...]:
         """Right to be forgotten: erase a whole profile (by id), or one identifier ("type:value")."""
+        self._holding += 1
+        try:
+            return self._erase(target, event_id, at_ms)
+        finally:
+            self._holding -= 1
+
+    def _erase(self, target: str, event_id: str | None, at_ms: int) -> tuple[IdentityChange, ...]:
         changes: list[IdentityChange] = []
         p = self._live(target)
         if p is not None:
@@ -944,38 +978,49 @@ class IdentityGraph:
                 if not q.ids:
                     self._erase_profile(changes, q, event_id, at_ms, also_redact=[target])
                 else:
-                    self._redact_history(self._lineage(q.id), [target])
+                    self._redact_history(list(self._lineage(q.id)), [target])
         return tuple(changes)
 
-    def _lineage(self, profile_id: str) -> list[str]:
+    def _lineage(self, profile_id: str) -> Iterator[str]:
         """Every profile whose history may name an identifier `profile_id` holds now: the profiles merged into
-        it and, transitively, those any of them was split off, with what those merged.
+        it and, transitively, those any of them was split off, with what those merged (nearest first).
 
-        A merged-away profile's tombstone keeps no `split_from`, but the first entry of its history, a split's
-        `profile_created`, names it; only histories are redacted, so that is where to look. Following just the
-        live profile's `split_from` missed the start of a chain split, merged, then split again.
+        A merged-away or erased profile keeps no `split_from` (nor, erased, its `merged_from`), so the split
+        edges are read from `s:` rows. Following just the live profile's `split_from` missed the start of a
+        chain split, merged, then split again, and a chain through an erased profile.
         """
-        self.flush()
-        seen: dict[str, None] = {}
+        if self._writes:
+            self.flush()  # the rows read below
+        seen: set[str] = set()
         pending = [profile_id]
         while pending:
             q = self._live(pending.pop())
             if q is None or q.id in seen:
                 continue
             for pid in (q.id, *q.merged_from):
-                if pid in seen:
-                    continue
-                seen[pid] = None
-                parent = q.split_from if pid == q.id else self._split_parent_in_history(pid)
-                if parent is not None:
-                    pending.append(parent)
-        return list(seen)
+                if pid not in seen:
+                    seen.add(pid)
+                    yield pid
+            pending.extend(self._split_parents(q))
 
-    def _split_parent_in_history(self, profile_id: str) -> str | None:
-        """The profile `profile_id` was split off, from its first history entry (None if it was not)."""
-        raw = self.store.get(f"h:{profile_id}:{1:010d}".encode())
-        parent = orjson.loads(raw).get("split_from") if raw is not None else None
-        return parent if isinstance(parent, str) else None
+    def _split_parents(self, q: ProfileState) -> list[str]:
+        """The profiles that `q` or a profile merged into it was split off (the store must be flushed)."""
+        out = [q.split_from] if q.split_from is not None else []
+        for pid in (q.id, *q.merged_from):
+            raw = self.store.get(_SPLIT_PREFIX + pid.encode())
+            if raw is not None:
+                out.extend(orjson.loads(raw))
+        return out
+
+    def _record_old_splits(self) -> None:
+        """The `s:` rows of a state split before 0.4.4, which wrote none, from its histories (once): a split
+        profile's first entry is its `profile_created`, naming the profile it was split off."""
+        for hkey, raw in self.store.iter_prefix(b"h:"):
+            if hkey.endswith(b":%010d" % 1) and b'"split_from"' in raw:
+                parent = orjson.loads(raw).get("split_from")
+                if isinstance(parent, str):
+                    pid = hkey[2 : hkey.rindex(b":")]
+                    self._writes.append((_SPLIT_PREFIX + pid, orjson.dumps([parent])))
 
     def _redact_history(self, profile_ids: list[str], keys: list[str]) -> None:
         """Replace erased identifiers in stored history entries by a placeholder."""
@@ -1099,7 +1144,11 @@ class IdentityGraph:
         already) in the histories of the profiles it descends from by splits."""
         keys = sorted(p.ids)
         gone = {p.id, *p.merged_from}
-        self._erase_keys(keys)
+        self._erase_keys(keys)  # flushes
+        # the wipe forgets what `p` absorbed and the drop below their histories: keep their split edges
+        parents = list(dict.fromkeys(self._split_parents(p)))
+        if parents:
+            self._writes.append((_SPLIT_PREFIX + p.id.encode(), orjson.dumps(parents)))
         self._redact_history([pid for pid in self._lineage(p.id) if pid not in gone], [*keys, *also_redact])
         for pid in [p.id, *p.merged_from]:
             for hkey, raw in list(self.store.iter_prefix(f"h:{pid}:".encode())):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from decimal import Decimal
 
 import pytest
@@ -408,7 +409,7 @@ def test_an_erase_redacts_the_start_of_a_chain_split_merged_then_split_again() -
     names the phone; neither D nor C has A as its `split_from` (B's tombstone does not keep it), so 0.4.3
     left the phone in A's entries, and left the phone's first event with A."""
     phone = "phone:+79160000001"
-    for erase_profile in (False, True):
+    for erase_profile, written_by_043 in itertools.product((False, True), (False, True)):
         g = IdentityGraph()
         g.link(ev("0", "email:c@x.com", at=500))
         first = g.link(ev("1", "email:a@x.com", phone, "cookie_id:k1", at=1_000))
@@ -419,6 +420,11 @@ def test_an_erase_redacts_the_start_of_a_chain_split_merged_then_split_again() -
         assert [c.kind for c in merge.changes] == [ChangeKind.MERGED]
         assert merge.profile_id is not None
         d, _ = g.split(merge.profile_id, [phone, "cookie_id:k1"], reason="again")
+        if written_by_043:  # no `s:` rows: read again from the histories when the state is opened
+            g.flush()
+            for key, _ in list(g.store.iter_prefix(b"s:")):
+                g.store.delete(key)
+            g = IdentityGraph(g.store)
         # the phone's first event follows it down the same chain (0.4.3 stopped at C's missing `split_from`)
         assert g.final_profile(a, first.anchor) == d
         g.erase(d if erase_profile else phone)
@@ -428,6 +434,29 @@ def test_an_erase_redacts_the_start_of_a_chain_split_merged_then_split_again() -
             [cookie, "email:a@x.com", "<erased>"],
             [cookie, "<erased>"],
         ]
+
+
+def test_an_erase_redacts_the_start_of_a_chain_whose_middle_was_erased() -> None:
+    """Phone and cookie split off A into B, the phone split off B into D, then the cookie's erase empties and
+    erases B (an erased profile keeps no `split_from`). The phone's erase must still reach A's history, and
+    its first event still ends in D until then (the `s:` rows keep the split edges, history or not)."""
+    phone = "phone:+79160000001"
+    for history in (True, False):
+        g = IdentityGraph(history=history)
+        first = g.link(ev("1", "email:a@x.com", phone, "cookie_id:k1", at=1_000))
+        a = first.profile_id
+        assert a is not None
+        b, _ = g.split(a, [phone, "cookie_id:k1"], reason="two people")
+        d, _ = g.split(b, [phone], reason="again")
+        g.erase("cookie_id:k1")
+        assert g.final_profile(a, first.anchor) == d
+        g.erase(phone)
+        assert b"+79160000001" not in _dump(g) and b"k1" not in _dump(g)
+        if history:
+            assert [e["identifiers"] for e in g.history(a)] == [
+                ["<erased>", "email:a@x.com", "<erased>"],
+                ["<erased>", "<erased>"],
+            ]
 
 
 def test_an_identifier_known_only_from_a_refusal_can_be_erased_and_explained() -> None:

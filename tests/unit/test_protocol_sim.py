@@ -814,7 +814,7 @@ def _an_old_partition() -> tuple[MemoryRowStore, dict[bytes, bytes], int]:
     st = PartitionState(0, 1, load_rules(), live)
     for i in range(4):
         ingest(st, _ev(f"a{i}", f"email:p{i}@x.ru", phone, at=1_000 + i))
-    live.write(st.flush())
+    st.flush()  # into `live`
     assert live.get("ids", protocol.INDEX_PROGRESS_KEY) == b""  # a new partition: complete at once
     index = {k: v for k, v in live.rows["ids"].items() if k.startswith(protocol.HOLDERS_PREFIX)}
     code = neighbour_code(phone)
@@ -836,7 +836,7 @@ def test_registers_written_before_the_holders_index_are_indexed_at_the_first_flu
     old, index, code = _an_old_partition()
     st = PartitionState(0, 1, load_rules(), old)
     handle(st, protocol.Forget(0, (code,)))  # finds no holder: nothing is indexed yet
-    old.write(st.flush())
+    st.flush()
     assert not _holding(old, code)
     assert {k: v for k, v in old.rows["ids"].items() if k.startswith(b"/")} == {
         protocol.INDEX_PROGRESS_KEY: b"",
@@ -864,7 +864,7 @@ def test_a_large_old_partition_is_indexed_a_step_per_flush_across_an_erase_and_a
     fresh = "email:q@x.ru"  # sorts after the four, before the phone
     old.rows["ids"][fresh.encode()] = IdRow("P", False, []).encode()
     st = PartitionState(0, 1, load_rules(), old)
-    old.write(st.flush())
+    st.flush()
     assert old.get("ids", protocol.INDEX_PROGRESS_KEY) == b"email:p2@x.ru"
     handle(st, protocol.Forget(0, (code,)))
     row = st.get_id(fresh)
@@ -872,13 +872,12 @@ def test_a_large_old_partition_is_indexed_a_step_per_flush_across_an_erase_and_a
     row.nb.append(code)
     st.put_id(fresh, row)
     st.hold(code, fresh)
-    old.write(st.flush())
+    st.flush()
     assert old.get("ids", protocol.INDEX_PROGRESS_KEY) == fresh.encode()
     assert old.get("ids", protocol.FORGOTTEN_WHILE_INDEXING_KEY) == orjson.dumps([code])
     assert _holding(old, code) == [fresh.encode()]
     restarted = PartitionState(0, 1, load_rules(), old)
     written = restarted.flush()
-    old.write(written)
     assert ("ids", protocol.FORGOTTEN_WHILE_INDEXING_KEY, None) in written
     assert old.get("ids", protocol.INDEX_PROGRESS_KEY) == b""
     assert _holding(old, code) == [fresh.encode()]
