@@ -972,6 +972,8 @@ class PartitionState:
                 if raw is None:
                     return None
                 row = IdRow.decode(raw)
+                if self._index_position() is not None and self._forgotten_while_indexing:
+                    self._drop_stale(key, row, self._forgotten_while_indexing)
             self._ids_young[key] = row
         return row
 
@@ -1023,11 +1025,27 @@ class PartitionState:
         self._dirty_holders[holder_key(code, key)] = False
 
     def forget_unindexed(self, code: int) -> None:
-        """An erased `code`, for the registers not indexed yet (§7): they drop it when the indexing reaches
-        them (`holders` finds only the indexed ones)."""
+        """An erased `code`, for the registers not indexed yet (§7), which `holders` does not find: those in
+        the cache drop it now, the others when read or when the indexing reaches them."""
         if self._index_position() is not None and code not in self._forgotten_while_indexing:
             self._forgotten_while_indexing.add(code)
             self._forgotten_changed = True
+            for cache in (self._ids_young, self._ids_old):
+                for key, row in list(cache.items()):
+                    if code in row.nb:
+                        self._drop_stale(key, row, {code})
+
+    def _drop_stale(self, key: str, row: IdRow, forgotten: set[int]) -> None:
+        """Drop from `key`'s register the `forgotten` codes the holders index does not have: noted before
+        the index existed. A pair it has was found by the `Forget`, or noted after it: left as it is."""
+        stale = {c for c in row.nb if c in forgotten and not self._in_index(holder_key(c, key))}
+        if stale:
+            row.nb = [c for c in row.nb if c not in stale]
+            self.put_id(key, row)
+
+    def _in_index(self, pair: bytes) -> bool:
+        """Whether the holders index has `pair`, or it was written or deleted since the last flush."""
+        return pair in self._dirty_holders or self.store.get("ids", pair) is not None
 
     def flush(self) -> list[Row]:
         """Write each changed row once to the store; return them (table, key, value) for the changelog."""
@@ -1097,19 +1115,13 @@ class PartitionState:
         return rows
 
     def _index_register(self, key: str, raw: bytes) -> None:
-        """Index the codes of one register that are not indexed; drop those erased while indexing."""
+        """Index the codes of one register that the index lacks, once those erased meanwhile are dropped."""
         row = self._ids_young.get(key) or self._ids_old.get(key) or IdRow.decode(raw)
-        kept: list[int] = []
+        self._drop_stale(key, row, self._forgotten_while_indexing)
         for code in row.nb:
             pair = holder_key(code, key)
-            if is_people_code(code) or pair in self._dirty_holders or self.store.get("ids", pair) is not None:
-                kept.append(code)  # not indexed, or noted or forgotten since the upgrade: as it is
-            elif code not in self._forgotten_while_indexing:
-                kept.append(code)
+            if not is_people_code(code) and not self._in_index(pair):
                 self._dirty_holders[pair] = True
-        if len(kept) < len(row.nb):
-            row.nb = kept
-            self.put_id(key, row)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Store layout (all keys bytes, values orjson unless said):
                               (kept after erases: profile ids are opaque, and erasing an identifier walks
                               these to the histories that name it)
     m:stats                 → counters
+    m:old-splits-recorded   → b"1": the `s:` rows of splits made before 0.4.4 were read from the histories
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ _STATS_KEY = b"m:stats"
 # present once every neighbour code records hold is in the `n:` index (states from before 0.3.4 lack both)
 _NEIGHBOUR_INDEX_KEY = b"m:neighbour-index"
 _SPLIT_PREFIX = b"s:"
+# written once `_record_old_splits` has read a state's histories (it may find no edge left to record)
+_OLD_SPLITS_RECORDED_KEY = b"m:old-splits-recorded"
 _SHARED_MARK = b"s"
 
 
@@ -203,7 +206,11 @@ class IdentityGraph:
         ):
             self.stats.setdefault(name, 0)
         self.stats.setdefault("refusals", {})
-        if self.stats["splits"] and next(iter(self.store.iter_prefix(_SPLIT_PREFIX)), None) is None:
+        if (
+            self.stats["splits"]
+            and self.store.get(_OLD_SPLITS_RECORDED_KEY) is None
+            and next(iter(self.store.iter_prefix(_SPLIT_PREFIX)), None) is None
+        ):
             self._record_old_splits()
 
     @property
@@ -1013,8 +1020,10 @@ class IdentityGraph:
         return out
 
     def _record_old_splits(self) -> None:
-        """The `s:` rows of a state split before 0.4.4, which wrote none, from its histories (once): a split
-        profile's first entry is its `profile_created`, naming the profile it was split off."""
+        """The `s:` rows of a state split before 0.4.4, which wrote none, from its histories (once: a marker
+        row says so, as erases may have left nothing to record): a split profile's first entry is its
+        `profile_created`, naming the profile it was split off."""
+        self._writes.append((_OLD_SPLITS_RECORDED_KEY, b"1"))
         for hkey, raw in self.store.iter_prefix(b"h:"):
             if hkey.endswith(b":%010d" % 1) and b'"split_from"' in raw:
                 parent = orjson.loads(raw).get("split_from")
