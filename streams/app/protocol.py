@@ -765,7 +765,7 @@ HOLDERS_PREFIX = b"/nb/"
 # once every register of the partition is in the index, else the key of the register the next step starts at
 INDEX_PROGRESS_KEY = b"/nb-indexed"
 # `ids` row, while that indexing goes on: the codes erased meanwhile (an orjson list), which registers not
-# indexed yet drop when it reaches them
+# indexed yet drop when read or reached
 FORGOTTEN_WHILE_INDEXING_KEY = b"/nb-forgotten"
 # Where that indexing starts: after every `/` key (the index's own rows), at the first register
 FIRST_REGISTER_KEY = b"0"

@@ -990,7 +990,7 @@ class IdentityGraph:
 
     def _lineage(self, profile_id: str) -> Iterator[str]:
         """Every profile whose history may name an identifier `profile_id` holds now: the profiles merged into
-        it and, transitively, those any of them was split off, with what those merged (nearest first).
+        it and, transitively, those any of them was split off, with what those merged.
 
         A merged-away or erased profile keeps no `split_from` (nor, erased, its `merged_from`), so the split
         edges are read from `s:` rows. Following just the live profile's `split_from` missed the start of a
