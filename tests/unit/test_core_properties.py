@@ -157,7 +157,7 @@ def test_an_erase_leaves_no_trace_after_any_links_splits_and_erases(data: st.Dat
     g = IdentityGraph(flush_every=5, cache_profiles=4)
     for event in events_from_specs(data.draw(events_st)):
         g.link(event)
-        action = data.draw(st.sampled_from(["link", "link", "split", "erase"]))
+        action = data.draw(st.sampled_from(["link", "split", "split", "erase"]))
         if action == "split":
             splittable = sorted((p for p in g.iter_profiles() if len(p.ids) > 1), key=lambda p: p.id)
             if splittable:
