@@ -182,6 +182,13 @@ TABLE_MEMORY_BYTES = Gauge(
     "RocksDB memory of the worker's table databases: their shared block cache, memtables included.",
     registry=REGISTRY,
 )
+HOLDERS_INDEX_COMPLETE = Gauge(
+    "omnistitch_holders_index_complete",
+    "1 once every register of the partition is in the holders index, 0 while those written by 0.4.1 and older"
+    " are indexed, a step per batch (set by the worker whose batch moved it).",
+    ["partition"],
+    registry=REGISTRY,
+)
 TABLE_MEMORY_LIMIT_BYTES = Gauge(
     "omnistitch_table_memory_limit_bytes",
     "The budget of omnistitch_table_memory_bytes (OMNISTITCH_TABLE_MEMORY_MB); RocksDB may pass it briefly.",

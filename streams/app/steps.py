@@ -12,6 +12,7 @@ from typing import Protocol
 
 from streams import metrics
 from streams.app.protocol import (
+    INDEX_PROGRESS_KEY,
     Effects,
     PartitionState,
     TableName,
@@ -119,6 +120,8 @@ class PartitionSteps:
         for reason, count in fx.dropped.items():
             metrics.PROTOCOL_DROPPED_TOTAL.labels(reason).inc(count)
         for table, key, value in state.flush():
+            if key == INDEX_PROGRESS_KEY:
+                metrics.HOLDERS_INDEX_COMPLETE.labels(str(state.partition)).set(value == b"")
             out.add(self.changelogs[table], key, value, partition=state.partition)
         for (source, type_), count in self._events_in.items():
             metrics.EVENTS_IN_TOTAL.labels(source, type_).inc(count)

@@ -504,6 +504,8 @@ def test_registers_written_before_the_holders_index_still_forget_an_erased_value
     _resolve_all(kafka_bootstrap, [erase])
     wait_for("the e-mail's register forgot the phone", lambda: code not in email_register())
     assert _latest_rows(kafka_bootstrap, ids_changelog, INDEX_PROGRESS_KEY).get(part(email_key, 8)) == b""
+    gauge = f'omnistitch_holders_index_complete{{partition="{part(email_key, 8)}"}} 1.0'
+    assert gauge in again.metrics()
     assert again.proc.poll() is None
 
 

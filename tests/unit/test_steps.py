@@ -7,8 +7,19 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 
-from streams.app.protocol import ENVELOPE_MOST_BYTES, Effects, PartitionState, TableName, decode_envelope
+from streams import metrics
+from streams.app import protocol
+from streams.app.protocol import (
+    ENVELOPE_MOST_BYTES,
+    Effects,
+    IdRow,
+    MemoryRowStore,
+    PartitionState,
+    TableName,
+    decode_envelope,
+)
 from streams.app.steps import PartitionSteps
 from streams.core import load_rules
 from streams.normalize import NormalizationSettings
@@ -83,3 +94,21 @@ def test_a_batch_of_large_events_for_another_partition_travels_in_several_envelo
     assert all(len(v or b"") <= ENVELOPE_MOST_BYTES for _, v, _ in envelopes)
     routed = [m for _, v, _ in envelopes for m in decode_envelope(v or b"")]
     assert [m.ev.event_id for m in routed] == [f"e{n}" for n in range(300)]  # type: ignore[attr-defined]
+
+
+def test_a_partition_indexing_old_registers_shows_on_a_gauge_until_it_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three registers as 0.4.1 left them (no holders index), one register indexed per batch here: the gauge
+    reads 0 while the partition is being indexed and 1 once every register is in the index."""
+    monkeypatch.setattr(protocol, "INDEX_STEP_REGISTERS", 1)
+    rows = {f"email:p{i}@x.ru".encode(): IdRow(f"P{i}", False, [i + 1]).encode() for i in range(3)}
+    state = PartitionState(5, 8, load_rules(), MemoryRowStore({"ids": rows, "profiles": {}}))
+    steps = PartitionSteps(Validator(NormalizationSettings()), INTERNAL, dict(CHANGELOGS))
+    seen = []
+    for _ in range(3):
+        steps.publish(state, Effects(), _Records(), 0)
+        seen.append(
+            metrics.REGISTRY.get_sample_value("omnistitch_holders_index_complete", {"partition": "5"})
+        )
+    assert seen == [0, 0, 1]
