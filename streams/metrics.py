@@ -24,6 +24,7 @@ __all__ = [
     "EVENT_LAG_SECONDS",
     "GC_PAUSES",
     "HELD_TOTAL",
+    "HOLDERS_INDEX_COMPLETE",
     "IDENTIFIERS_DROPPED_TOTAL",
     "MERGES_REFUSED_TOTAL",
     "MERGES_TOTAL",
@@ -182,15 +183,15 @@ TABLE_MEMORY_BYTES = Gauge(
     "RocksDB memory of the worker's table databases: their shared block cache, memtables included.",
     registry=REGISTRY,
 )
-HOLDERS_INDEX_COMPLETE = Gauge(
-    "omnistitch_holders_index_complete",
-    "1 once every register of the partition is in the holders index, 0 while those written by 0.4.1 and older"
-    " are indexed, a step per batch (set by the worker whose batch moved it).",
-    ["partition"],
-    registry=REGISTRY,
-)
 TABLE_MEMORY_LIMIT_BYTES = Gauge(
     "omnistitch_table_memory_limit_bytes",
     "The budget of omnistitch_table_memory_bytes (OMNISTITCH_TABLE_MEMORY_MB); RocksDB may pass it briefly.",
+    registry=REGISTRY,
+)
+HOLDERS_INDEX_COMPLETE = Gauge(
+    "omnistitch_holders_index_complete",
+    "1 once every register of the partition is in the holders index, 0 while those written by 0.4.1 and older"
+    " are indexed, a step per batch (set at each batch by the partition's owner).",
+    ["partition"],
     registry=REGISTRY,
 )

@@ -1068,6 +1068,11 @@ class PartitionState:
             self._ids_old, self._ids_young = self._ids_young, {}
         return out
 
+    @property
+    def holders_indexed(self) -> bool:
+        """Whether every register of the partition is in the holders index (§7)."""
+        return self._index_position() is None
+
     def _index_position(self) -> bytes | None:
         """The register the next indexing step starts at, None when the index is complete (read once)."""
         if not self._index_read:

@@ -12,7 +12,6 @@ from typing import Protocol
 
 from streams import metrics
 from streams.app.protocol import (
-    INDEX_PROGRESS_KEY,
     Effects,
     PartitionState,
     TableName,
@@ -120,9 +119,8 @@ class PartitionSteps:
         for reason, count in fx.dropped.items():
             metrics.PROTOCOL_DROPPED_TOTAL.labels(reason).inc(count)
         for table, key, value in state.flush():
-            if key == INDEX_PROGRESS_KEY:
-                metrics.HOLDERS_INDEX_COMPLETE.labels(str(state.partition)).set(value == b"")
             out.add(self.changelogs[table], key, value, partition=state.partition)
+        metrics.HOLDERS_INDEX_COMPLETE.labels(str(state.partition)).set(state.holders_indexed)
         for (source, type_), count in self._events_in.items():
             metrics.EVENTS_IN_TOTAL.labels(source, type_).inc(count)
         for (type_, reason), count in self._identifiers_dropped.items():

@@ -14,10 +14,9 @@ database (`memtable_bytes`, sized so that one per database fits in half the budg
 measured slower for the replay state, `streams/core/store.py`). The worker's own cache of decoded rows
 (`OMNISTITCH_CACHE_ROWS` per partition) answers most reads before RocksDB is asked.
 
-rocksdict also applies `options` only to column families it creates, so a table reopened after a restart fell
-back to RocksDB's defaults: no bloom filter (each read of a new identifier searched every file)
-(quixio/quix-streams#1136). The options are given for the default family too, as
-`streams.core.store.RocksStore` does.
+The options are the replay state's (`streams.core.store.rocksdb_options`, bloom filters included), given for
+the default column family too: rocksdict applies `options` only to families it creates, so a table reopened
+after a restart fell back to RocksDB's defaults (quixio/quix-streams#1136).
 """
 
 from __future__ import annotations
@@ -26,15 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from faust.stores.rocksdb import RocksDBOptions
-from rocksdict import (
-    AccessType,
-    BlockBasedOptions,
-    Cache,
-    Options,
-    Rdict,
-    ReadOptions,
-    WriteBufferManager,
-)
+from rocksdict import AccessType, Cache, Options, Rdict, ReadOptions, WriteBufferManager
+
+from streams.core.store import rocksdb_options
 
 __all__ = ["MAX_MEMTABLE_BYTES", "MIN_MEMTABLE_BYTES", "TableMemory", "share_table_memory"]
 
@@ -62,19 +55,12 @@ class TableMemory:
         )
 
     def options(self, faust_options: RocksDBOptions) -> Options:
-        """faust's file settings (open files, file size) with this memory and a full bloom filter."""
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
+        """The replay state's options (`rocksdb_options`) with this memory, and faust's file settings."""
+        options = rocksdb_options(self.memtable_bytes, self.cache)
         if faust_options.max_open_files is not None:  # faust's: 90 % of the process's limit, per database
             options.set_max_open_files(faust_options.max_open_files)
         options.set_target_file_size_base(faust_options.target_file_size_base)
-        options.set_write_buffer_size(self.memtable_bytes)
-        options.set_max_write_buffer_number(2)
         options.set_write_buffer_manager(self.write_buffers)
-        table = BlockBasedOptions()
-        table.set_bloom_filter(10, False)
-        table.set_block_cache(self.cache)
-        options.set_block_based_table_factory(table)
         return options
 
     def usage_bytes(self) -> int:

@@ -8,12 +8,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from rocksdict import Rdict
+    from rocksdict import Cache, Options, Rdict
 
-__all__ = ["MemoryStore", "RocksStore", "Store", "open_store"]
+__all__ = ["MemoryStore", "RocksStore", "Store", "open_store", "rocksdb_options"]
 
 _MEMTABLE_BYTES = 8 << 20
 _BLOCK_CACHE_BYTES = 16 << 20
+
+
+def rocksdb_options(memtable_bytes: int, block_cache: Cache) -> Options:
+    """Options for a database its user fronts with a cache of decoded rows (the graph's, the worker's).
+
+    Small memtables (two of `memtable_bytes`): the user batches its own writes, and RocksDB's 64 MB default
+    per memtable would dominate the process's memory. Bloom filters: most reads that miss ask whether an
+    identifier or profile id is new, answered from the filter without touching data blocks; the block cache
+    can be small (keeping index and filter blocks in it too was measured slower: data blocks evict them).
+    Give them for the default column family too when opening: reopening an existing database, rocksdict
+    applies `options` only to families it creates, so the rest fall back to RocksDB's defaults (no bloom
+    filter, an 8 MB block cache) from the second run on (quixio/quix-streams#1136).
+    """
+    from rocksdict import BlockBasedOptions, Options
+
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_write_buffer_size(memtable_bytes)
+    options.set_max_write_buffer_number(2)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    table.set_block_cache(block_cache)
+    options.set_block_based_table_factory(table)
+    return options
 
 
 @runtime_checkable
@@ -90,24 +114,9 @@ class RocksStore:
         self._closed = False
 
     def _open(self) -> Rdict:
-        from rocksdict import BlockBasedOptions, Cache, Options, Rdict
+        from rocksdict import Cache, Rdict
 
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        # small memtables: the graph batches its own writes, and RocksDB's 64 MB default per memtable would
-        # dominate the process's memory for a state of a few hundred MB
-        opts.set_write_buffer_size(_MEMTABLE_BYTES)
-        opts.set_max_write_buffer_number(2)
-        table = BlockBasedOptions()
-        # bloom filters: most reads that miss are "is this identifier / profile id new?" — answered from the
-        # filter without touching data blocks; the graph keeps its own hot cache, so the block cache is small
-        # (caching index and filter blocks in it too was measured slower: they get evicted by data blocks)
-        table.set_bloom_filter(10, False)
-        table.set_block_cache(Cache(_BLOCK_CACHE_BYTES))
-        opts.set_block_based_table_factory(table)
-        # the options again for the default column family: reopening an existing database, rocksdict applies
-        # `options` only to column families it creates, so the rest fall back to RocksDB's defaults (no bloom
-        # filter, an 8 MB block cache) from the second run on (quixio/quix-streams#1136)
+        opts = rocksdb_options(_MEMTABLE_BYTES, Cache(_BLOCK_CACHE_BYTES))
         return Rdict(self._path, options=opts, column_families={"default": opts})
 
     def get(self, key: bytes) -> bytes | None:
