@@ -25,3 +25,9 @@ class Engine:
     def lend(self, factory: Callable[[], Any]) -> Any: ...
     def stats(self) -> dict[str, Any]: ...
     def cache_sizes(self) -> dict[str, int]: ...
+
+def profile_row(profile: Any) -> bytes:
+    """A `ProfileState` as its stored packed row."""
+
+def profile_json(row: bytes) -> bytes:
+    """A stored profile row (packed or JSON) as the positional JSON `ProfileState.decode` reads."""

@@ -424,7 +424,7 @@ impl Graph {
                             raw
                         }
                     };
-                    let mut profile = Profile::decode(&raw).map_err(py_err)?;
+                    let mut profile = Profile::from_stored(&raw).map_err(py_err)?;
                     // `ProfileState.decode` reads revenue with Decimal(...) and `encode` writes str(...): a
                     // non-canonical string ("+10.00") comes back canonical, an invalid one raises
                     for (_, amount) in profile.revenue.iter_mut() {
@@ -515,7 +515,7 @@ impl Graph {
                     self.b_old.take(&pid);
                     self.b_young.put(q.pack(&mut self.syms));
                 }
-                self.spilled.insert(pid, q.encode());
+                self.spilled.insert(pid, q.to_row());
             }
         }
     }
@@ -548,7 +548,7 @@ impl Graph {
             let p = p.borrow();
             items.append((
                 PyBytes::new_bound(py, &key),
-                PyBytes::new_bound(py, &p.encode()),
+                PyBytes::new_bound(py, &p.to_row()),
             ))?;
             if keep {
                 self.b_old.take(pid);

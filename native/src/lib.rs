@@ -19,8 +19,10 @@ mod state;
 
 use rustc_hash::FxHashMap as HashMap;
 
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyTuple};
 
 use graph::{Change, Event, Field, Graph, Kind};
 use rules::{Ident, Rules};
@@ -284,13 +286,119 @@ impl Engine {
         }
         let json = py.import_bound("json")?;
         let text = serde_json::to_string(&self.g.stats)
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(json.call_method1("loads", (text,))?.unbind())
     }
+}
+
+fn slots_of(d: &Bound<'_, PyAny>) -> PyResult<Vec<(String, i64, i64)>> {
+    let d = d.downcast::<PyDict>()?;
+    let mut slots = Vec::with_capacity(d.len());
+    for (name, slot) in d.iter() {
+        let Ok([count, at]) = <[i64; 2]>::try_from(slot.extract::<Vec<i64>>()?) else {
+            return Err(PyValueError::new_err(
+                "a channel or source slot is [count, last seen]",
+            ));
+        };
+        slots.push((name.extract()?, count, at));
+    }
+    Ok(slots)
+}
+
+fn record_of(r: &Bound<'_, PyAny>) -> PyResult<state::Rec> {
+    let r = r.downcast::<PyList>()?;
+    if r.len() != 8 {
+        return Err(PyValueError::new_err("an identifier record has 8 fields"));
+    }
+    // a flag stored as 0 / 1 by another tool stays an integer until the graph sets True
+    let verified = r.get_item(4)?;
+    let (verified, verified_as) = match verified.downcast::<PyBool>() {
+        Ok(flag) => (flag.is_true(), None),
+        Err(_) => {
+            let n: i64 = verified.extract()?;
+            (n != 0, Some(n))
+        }
+    };
+    let nb = r.get_item(7)?;
+    Ok(state::Rec {
+        typ: r.get_item(0)?.extract()?,
+        first: r.get_item(1)?.extract()?,
+        last: r.get_item(2)?.extract()?,
+        source: r.get_item(3)?.extract()?,
+        verified,
+        verified_as,
+        via: r.get_item(5)?.extract()?,
+        origin: r.get_item(6)?.extract()?,
+        nb: if nb.is_none() {
+            None
+        } else {
+            Some(nb.extract()?)
+        },
+    })
+}
+
+/// A `ProfileState` as its stored row (`Profile::to_row`), read from its attributes: the Python graph writes
+/// the engine's bytes without a codec of its own (`streams/core/state.py` keeps one for installs without
+/// this module, about four times slower).
+#[pyfunction]
+fn profile_row<'py>(py: Python<'py>, p: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let mut profile = state::Profile {
+        id: p.getattr(intern!(py, "id"))?.extract()?,
+        status: p.getattr(intern!(py, "status"))?.extract()?,
+        seq: p.getattr(intern!(py, "seq"))?.extract()?,
+        ..Default::default()
+    };
+    if !profile.is_active() {
+        profile.merged_into = p.getattr(intern!(py, "merged_into"))?.extract()?;
+        return Ok(PyBytes::new_bound(py, &profile.to_row()));
+    }
+    profile.created = p.getattr(intern!(py, "created_ms"))?.extract()?;
+    profile.first = p.getattr(intern!(py, "first_ms"))?.extract()?;
+    profile.last = p.getattr(intern!(py, "last_ms"))?.extract()?;
+    profile.events = p.getattr(intern!(py, "events"))?.extract()?;
+    profile.orders = p.getattr(intern!(py, "orders"))?.extract()?;
+    for (currency, amount) in p
+        .getattr(intern!(py, "revenue"))?
+        .downcast::<PyDict>()?
+        .iter()
+    {
+        profile
+            .revenue
+            .push((currency.extract()?, amount.str()?.extract()?));
+    }
+    profile.channels = slots_of(&p.getattr(intern!(py, "channels"))?)?;
+    profile.sources = slots_of(&p.getattr(intern!(py, "sources"))?)?;
+    for (key, r) in p.getattr(intern!(py, "ids"))?.downcast::<PyDict>()?.iter() {
+        profile.ids.push((key.extract()?, record_of(&r)?));
+    }
+    profile.apart = p.getattr(intern!(py, "apart"))?.extract()?;
+    profile.merged_from = p.getattr(intern!(py, "merged_from"))?.extract()?;
+    profile.split_from = p.getattr(intern!(py, "split_from"))?.extract()?;
+    let extra = p.getattr(intern!(py, "extra"))?;
+    if extra.is_truthy()? {
+        // free-form aggregates: as the JSON orjson writes for them, kept as read
+        let json: Vec<u8> = py
+            .import_bound("orjson")?
+            .call_method1("dumps", (extra,))?
+            .extract()?;
+        let fields: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        profile.extra = fields.into_iter().collect();
+    }
+    Ok(PyBytes::new_bound(py, &profile.to_row()))
+}
+
+/// A stored profile row (either form) as the positional JSON `ProfileState.decode` reads.
+#[pyfunction]
+fn profile_json<'py>(py: Python<'py>, row: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    let profile = state::Profile::from_stored(row).map_err(PyValueError::new_err)?;
+    Ok(PyBytes::new_bound(py, &profile.encode()))
 }
 
 #[pymodule]
 fn omnistitch_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
+    m.add_function(wrap_pyfunction!(profile_row, m)?)?;
+    m.add_function(wrap_pyfunction!(profile_json, m)?)?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::cache::{get_uint, put_uint, Symbols};
+use crate::cache::{put_uint, Symbols};
 
 pub const ACTIVE: &str = "active";
 pub const MERGED: &str = "merged";
@@ -496,11 +496,17 @@ pub fn put_strs(o: &mut Vec<u8>, ss: &[String]) {
     o.push(b']');
 }
 
-// --- the cold cache's packed form: varints, symbols and length-prefixed strings, ~160 bytes a profile ------
+// --- the packed form: varints, symbols and length-prefixed strings, ~160 bytes a profile ---------------
+//
+// The cold cache keeps profiles packed with the graph's symbols; the store keeps them packed without
+// (`to_row`: each name as its text, so a row reads back with no table), after a format byte.
+
+/// First byte of a stored profile row in the packed form. Rows of 0.4.4 and older are JSON (`[` or `{`).
+pub const ROW_FORMAT: u8 = 1;
 
 struct Packer<'a> {
     out: Vec<u8>,
-    syms: &'a mut Symbols,
+    syms: Option<&'a mut Symbols>,
 }
 
 impl Packer<'_> {
@@ -517,9 +523,9 @@ impl Packer<'_> {
         self.out.extend_from_slice(s.as_bytes());
     }
 
-    /// A recurring name: its symbol + 1, or 0 and the text (the table is full, or the name is long).
+    /// A recurring name: its symbol + 1, or 0 and the text (no table, the table is full, or the name is long).
     fn sym(&mut self, s: &str) {
-        match self.syms.code(s) {
+        match self.syms.as_deref_mut().and_then(|syms| syms.code(s)) {
             Some(c) => self.uint(u64::from(c) + 1),
             None => {
                 self.uint(0);
@@ -555,56 +561,94 @@ impl Packer<'_> {
     }
 }
 
+/// Reads what `Packer` wrote; every read is checked, since a stored row comes from disk.
 struct Unpacker<'a> {
     raw: &'a [u8],
     at: usize,
-    syms: &'a Symbols,
+    syms: Option<&'a Symbols>,
 }
 
+type Read<T> = Result<T, String>;
+
 impl Unpacker<'_> {
-    fn uint(&mut self) -> u64 {
-        get_uint(self.raw, &mut self.at)
+    fn uint(&mut self) -> Read<u64> {
+        let (mut n, mut shift) = (0u64, 0u32);
+        loop {
+            let b = *self.raw.get(self.at).ok_or("packed profile cut short")?;
+            self.at += 1;
+            if shift > 63 {
+                return Err("packed profile: varint too long".into());
+            }
+            n |= u64::from(b & 0x7F) << shift;
+            if b < 0x80 {
+                return Ok(n);
+            }
+            shift += 7;
+        }
     }
 
-    fn int(&mut self) -> i64 {
-        let n = self.uint();
-        ((n >> 1) as i64) ^ -((n & 1) as i64)
+    fn int(&mut self) -> Read<i64> {
+        let n = self.uint()?;
+        Ok(((n >> 1) as i64) ^ -((n & 1) as i64))
     }
 
-    fn bytes(&mut self, len: usize) -> &[u8] {
-        let out = &self.raw[self.at..self.at + len];
-        self.at += len;
-        out
+    fn len(&mut self) -> Read<usize> {
+        usize::try_from(self.uint()?).map_err(|e| e.to_string())
     }
 
-    fn str(&mut self) -> String {
-        let len = self.uint() as usize;
-        String::from_utf8(self.bytes(len).to_vec()).expect("packed by `pack`")
+    fn bytes(&mut self, len: usize) -> Read<&[u8]> {
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|&end| end <= self.raw.len());
+        let end = end.ok_or("packed profile cut short")?;
+        let out = &self.raw[self.at..end];
+        self.at = end;
+        Ok(out)
     }
 
-    fn sym(&mut self) -> String {
-        match self.uint() {
+    fn text(&mut self, len: usize) -> Read<String> {
+        let bytes = self.bytes(len)?.to_vec();
+        String::from_utf8(bytes).map_err(|e| format!("packed profile: {e}"))
+    }
+
+    fn str(&mut self) -> Read<String> {
+        let len = self.len()?;
+        self.text(len)
+    }
+
+    fn sym(&mut self) -> Read<String> {
+        match self.uint()? {
             0 => self.str(),
-            c => self.syms.name((c - 1) as u32).to_owned(),
+            c => {
+                let syms = self
+                    .syms
+                    .ok_or("packed profile: a symbol in a stored row")?;
+                let code = u32::try_from(c - 1).map_err(|e| e.to_string())?;
+                if code as usize >= syms.len() {
+                    return Err("packed profile: unknown symbol".into());
+                }
+                Ok(syms.name(code).to_owned())
+            }
         }
     }
 
-    fn opt_str(&mut self) -> Option<String> {
-        match self.uint() as usize {
-            0 => None,
-            n => Some(String::from_utf8(self.bytes(n - 1).to_vec()).expect("packed by `pack`")),
+    fn opt_str(&mut self) -> Read<Option<String>> {
+        match self.len()? {
+            0 => Ok(None),
+            n => self.text(n - 1).map(Some),
         }
     }
 
-    fn strs(&mut self) -> Vec<String> {
-        let n = self.uint() as usize;
+    fn strs(&mut self) -> Read<Vec<String>> {
+        let n = self.len()?;
         (0..n).map(|_| self.str()).collect()
     }
 
-    fn slots(&mut self, base: i64) -> Vec<(String, i64, i64)> {
-        let n = self.uint() as usize;
+    fn slots(&mut self, base: i64) -> Read<Vec<(String, i64, i64)>> {
+        let n = self.len()?;
         (0..n)
-            .map(|_| (self.sym(), self.int(), base.wrapping_add(self.int())))
+            .map(|_| Ok((self.sym()?, self.int()?, base.wrapping_add(self.int()?))))
             .collect()
     }
 }
@@ -617,20 +661,34 @@ const VERIFIED_AS_INT: u8 = 8;
 const HAS_NEIGHBOURS: u8 = 16;
 
 impl Profile {
-    /// Compact bytes for the graph's cold cache (not stored: the store keeps `encode`'s JSON). The profile id
-    /// comes first (the cache's key). Recurring names are symbols, times are deltas from the profile's
-    /// creation, and a record's type and origin are left out when its key and profile already say them.
+    /// Compact bytes for the graph's cold cache. The profile id comes first (the cache's key). Recurring
+    /// names are symbols, times are deltas from the profile's creation, and a record's type and origin are
+    /// left out when its key and profile already say them.
     pub fn pack(&self, syms: &mut Symbols) -> Box<[u8]> {
         let mut w = Packer {
             out: Vec::with_capacity(64 + 48 * self.ids.len()),
-            syms,
+            syms: Some(syms),
         };
+        self.pack_into(&mut w);
+        w.out.into_boxed_slice()
+    }
+
+    /// The stored row (`ProfileState.encode`): `ROW_FORMAT`, then the packed form with every name as text.
+    pub fn to_row(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(80 + 56 * self.ids.len());
+        out.push(ROW_FORMAT);
+        let mut w = Packer { out, syms: None };
+        self.pack_into(&mut w);
+        w.out
+    }
+
+    fn pack_into(&self, w: &mut Packer<'_>) {
         w.str(&self.id);
         w.sym(&self.status);
         w.int(self.seq);
         if !self.is_active() {
             w.opt_str(self.merged_into.as_deref());
-            return w.out.into_boxed_slice();
+            return;
         }
         let base = self.created;
         w.int(base);
@@ -696,81 +754,118 @@ impl Profile {
                 &serde_json::to_string(&extra).expect("JSON values serialise"),
             ));
         }
-        w.out.into_boxed_slice()
     }
 
     /// Inverse of `pack`, with the same symbols.
     pub fn unpack(raw: &[u8], syms: &Symbols) -> Profile {
-        let mut r = Unpacker { raw, at: 0, syms };
+        let mut r = Unpacker {
+            raw,
+            at: 0,
+            syms: Some(syms),
+        };
+        Self::unpack_from(&mut r).expect("packed by `pack`")
+    }
+
+    /// A stored row: `to_row`'s form, or the JSON of 0.4.4 and older (`decode`).
+    pub fn from_stored(raw: &[u8]) -> Result<Profile, String> {
+        match raw.split_first() {
+            Some((&ROW_FORMAT, packed)) => {
+                let mut r = Unpacker {
+                    raw: packed,
+                    at: 0,
+                    syms: None,
+                };
+                let p = Self::unpack_from(&mut r)?;
+                if r.at != packed.len() {
+                    return Err("packed profile row: bytes after its end".into());
+                }
+                Ok(p)
+            }
+            _ => Self::decode(raw),
+        }
+    }
+
+    fn unpack_from(r: &mut Unpacker<'_>) -> Read<Profile> {
         let mut p = Profile {
-            id: r.str(),
-            status: r.sym(),
-            seq: r.int(),
+            id: r.str()?,
+            status: r.sym()?,
+            seq: r.int()?,
             ..Default::default()
         };
         if !p.is_active() {
-            p.merged_into = r.opt_str();
-            return p;
+            p.merged_into = r.opt_str()?;
+            return Ok(p);
         }
-        let base = r.int();
+        let base = r.int()?;
         p.created = base;
-        p.first = base.wrapping_add(r.int());
-        p.last = base.wrapping_add(r.int());
-        p.events = r.int();
-        p.orders = r.int();
-        let n = r.uint() as usize;
-        p.revenue = (0..n).map(|_| (r.sym(), r.str())).collect();
-        p.channels = r.slots(base);
-        p.sources = r.slots(base);
-        let n = r.uint() as usize;
-        p.ids = (0..n)
-            .map(|_| {
-                let flags = r.bytes(1)[0];
-                let key = r.str();
-                let typ = if flags & TYPE_IN_KEY != 0 {
-                    key[..key.find(':').expect("packed with its type")].to_owned()
-                } else {
-                    r.sym()
-                };
-                let first = base.wrapping_add(r.int());
-                let last = first.wrapping_add(r.int());
-                let source = r.sym();
-                let verified_as = (flags & VERIFIED_AS_INT != 0).then(|| r.int());
-                let via = r.str();
-                let origin = if flags & ORIGIN_IS_PROFILE != 0 {
-                    p.id.clone()
-                } else {
-                    r.str()
-                };
-                let nb = (flags & HAS_NEIGHBOURS != 0).then(|| {
-                    let n = r.uint() as usize;
-                    (0..n).map(|_| r.int()).collect()
-                });
-                let rec = Rec {
-                    typ,
-                    first,
-                    last,
-                    source,
-                    verified: flags & VERIFIED != 0,
-                    verified_as,
-                    via,
-                    origin,
-                    nb,
-                };
-                (key, rec)
-            })
-            .collect();
-        p.apart = r.strs();
-        p.merged_from = r.strs();
-        p.split_from = r.opt_str();
-        p.extra = match r.opt_str() {
+        p.first = base.wrapping_add(r.int()?);
+        p.last = base.wrapping_add(r.int()?);
+        p.events = r.int()?;
+        p.orders = r.int()?;
+        let n = r.len()?;
+        p.revenue = (0..n)
+            .map(|_| Ok((r.sym()?, r.str()?)))
+            .collect::<Read<_>>()?;
+        p.channels = r.slots(base)?;
+        p.sources = r.slots(base)?;
+        let n = r.len()?;
+        let mut ids = Vec::with_capacity(n.min(r.raw.len()));
+        for _ in 0..n {
+            let flags = r.bytes(1)?[0];
+            let key = r.str()?;
+            let typ = if flags & TYPE_IN_KEY != 0 {
+                let end = key
+                    .find(':')
+                    .ok_or("packed profile: a key without its type")?;
+                key[..end].to_owned()
+            } else {
+                r.sym()?
+            };
+            let first = base.wrapping_add(r.int()?);
+            let last = first.wrapping_add(r.int()?);
+            let source = r.sym()?;
+            let verified_as = if flags & VERIFIED_AS_INT != 0 {
+                Some(r.int()?)
+            } else {
+                None
+            };
+            let via = r.str()?;
+            let origin = if flags & ORIGIN_IS_PROFILE != 0 {
+                p.id.clone()
+            } else {
+                r.str()?
+            };
+            let nb = if flags & HAS_NEIGHBOURS != 0 {
+                let n = r.len()?;
+                Some((0..n).map(|_| r.int()).collect::<Read<Vec<i64>>>()?)
+            } else {
+                None
+            };
+            let rec = Rec {
+                typ,
+                first,
+                last,
+                source,
+                verified: flags & VERIFIED != 0,
+                verified_as,
+                via,
+                origin,
+                nb,
+            };
+            ids.push((key, rec));
+        }
+        p.ids = ids;
+        p.apart = r.strs()?;
+        p.merged_from = r.strs()?;
+        p.split_from = r.opt_str()?;
+        p.extra = match r.opt_str()? {
             None => Vec::new(),
             Some(text) => match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Object(m)) => m.into_iter().collect(),
-                _ => Vec::new(),
+                _ => return Err("packed profile: extra fields are not a JSON object".into()),
             },
         };
         p.rebuild_types();
-        p
+        Ok(p)
     }
 }

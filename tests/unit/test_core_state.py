@@ -1,14 +1,21 @@
-"""ProfileState's storage encoding: positional bytes, and the earlier dict form still readable."""
+"""ProfileState's storage encoding: the packed row (Python and native codecs byte for byte), and the JSON
+forms earlier versions stored still readable."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.core import IdentityGraph, MemoryStore
-from streams.core.state import ERASED, MERGED, ProfileState
+from streams.core import state as state_module
+from streams.core.state import ERASED, MERGED, ROW_FORMAT, ProfileState, _pack_row, _unpack_row
 from streams.events import Identifier, NormalizedEvent
+from tests.native_toolchain import can_build
 
 
 def _event(eid: str, *keys: str, total: str | None = None) -> NormalizedEvent:
@@ -39,9 +46,17 @@ def test_encode_round_trips_every_field() -> None:
     assert q.types == p.types and q.revenue == {"RUB": Decimal("1000.50")}
 
 
-def test_encoding_is_smaller_than_the_dict_form() -> None:
+def test_the_row_is_packed_and_smaller_than_the_json_forms() -> None:
     p = _profile()
-    assert len(p.encode()) < len(orjson.dumps(p.to_dict()))
+    row = p.encode()
+    assert row[:1] == ROW_FORMAT
+    assert len(row) < 0.6 * len(p.positional_json()) < len(orjson.dumps(p.to_dict()))
+
+
+def test_positional_json_written_by_earlier_versions_still_decodes() -> None:
+    p = _profile()
+    assert p.positional_json()[:1] == b"["
+    assert ProfileState.decode(p.positional_json()).to_dict() == p.to_dict()
 
 
 def test_dict_form_written_by_earlier_versions_still_decodes() -> None:
@@ -70,3 +85,113 @@ def test_a_graph_reopened_on_dict_form_rows_reads_them() -> None:
     assert again.link(_event("2", "phone:+7900")).profile_id == pid
     q = again.profile(pid)
     assert q is not None and q.events == 2
+
+
+def test_a_graph_reopened_on_positional_rows_reads_them_and_writes_packed_ones() -> None:
+    store = MemoryStore()
+    g = IdentityGraph(store)
+    pid = g.link(_event("1", "customer_id:C1", "phone:+7900")).profile_id
+    g.flush()
+    assert pid is not None
+    p = g.profile(pid)
+    assert p is not None
+    store.put(b"p:" + pid.encode(), p.positional_json())  # as 0.4.4 stored it
+    again = IdentityGraph(store)
+    assert again.link(_event("2", "phone:+7900")).profile_id == pid
+    again.flush()
+    row = store.get(b"p:" + pid.encode())
+    assert row is not None and row[:1] == ROW_FORMAT and ProfileState.decode(row).events == 2
+
+
+# --- the packed row: any profile, both codecs ---------------------------------------------------------------
+
+_TIMES = st.integers(946_684_800_000, 4_102_444_800_000)  # validation's window, 2000-2100
+_TEXT = st.text(min_size=0, max_size=12)  # any Unicode but lone surrogates, which JSON cannot carry
+_IDS = st.text("0123456789ABCDEFGHJKMNPQRSTVWXYZ", min_size=1, max_size=26)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def _profiles(draw: Any) -> ProfileState:
+    """Profiles as any version stored them: records whose key has no type prefix, verified flags stored as
+    integers, neighbour lists empty or of 48-bit codes, origins elsewhere, free `extra` fields, tombstones."""
+    p = ProfileState(draw(_IDS), draw(_TIMES))
+    p.seq = draw(st.integers(0, 10**6))
+    if draw(st.integers(0, 9)) == 0:
+        p.status = draw(st.sampled_from([MERGED, ERASED]))
+        p.merged_into = draw(st.none() | _IDS)
+        return p
+    p.first_ms, p.last_ms = sorted(draw(st.lists(_TIMES, min_size=2, max_size=2)))
+    p.events, p.orders = draw(st.integers(0, 10**9)), draw(st.integers(0, 10**6))
+    for currency in draw(st.lists(st.sampled_from(["RUB", "USD", "EUR", "Ā"]), unique=True, max_size=2)):
+        p.revenue[currency] = Decimal(draw(st.integers(-(10**12), 10**12))) / 100
+    for slots in (p.channels, p.sources):
+        for name in draw(st.lists(_TEXT, unique=True, max_size=4)):
+            slots[name] = [draw(st.integers(0, 10**6)), draw(_TIMES)]
+    for n in range(draw(st.integers(0, 6))):
+        type_ = draw(st.sampled_from(["phone", "email", "cookie_id", "loyalty_card", "x:y", "ф"]))
+        key = draw(st.sampled_from([f"{type_}:{n}", f"{n}", f"other:{type_}{n}", f"{type_}{n}:"]))
+        first = draw(_TIMES)
+        verified = draw(st.booleans() | st.integers(-3, 3))
+        nb = draw(st.none() | st.lists(st.integers(0, 2**48 - 1), max_size=4))
+        origin = draw(st.just(p.id) | _IDS)
+        p.add_identifier(key, [type_, first, draw(_TIMES), draw(_TEXT), verified, draw(_TEXT), origin, nb])
+    p.apart = tuple(draw(st.lists(_IDS, max_size=2)))
+    p.merged_from = tuple(draw(st.lists(_IDS, max_size=3)))
+    p.split_from = draw(st.none() | _IDS)
+    p.extra = draw(st.dictionaries(_TEXT, _JSON, max_size=3))
+    return p
+
+
+def _fields(p: ProfileState) -> dict[str, Any]:
+    """Every slot, with the verified flag's type: an integer flag must stay an integer."""
+    return {
+        **p.to_dict(),
+        "types": p.types,
+        "verified_types": [type(r[4]).__name__ for r in p.ids.values()],
+    }
+
+
+@settings(max_examples=400, deadline=None)
+@given(_profiles())
+def test_any_profile_round_trips_through_the_python_codec(p: ProfileState) -> None:
+    row = _pack_row(p)
+    assert row[:1] == ROW_FORMAT
+    assert _fields(_unpack_row(row)) == _fields(p)
+
+
+def _native_module() -> Any:
+    """The compiled module: required where `make setup` can build it (tests/native_toolchain.py)."""
+    if can_build():
+        import omnistitch_native
+
+        return omnistitch_native
+    return pytest.importorskip("omnistitch_native", reason="no cargo >= 1.85: the native module is not built")
+
+
+@settings(max_examples=400, deadline=None)
+@given(_profiles())
+def test_the_native_codec_writes_and_reads_the_python_codecs_bytes(p: ProfileState) -> None:
+    module = _native_module()
+    row = _pack_row(p)
+    assert module.profile_row(p) == row
+    assert module.profile_json(row) == p.positional_json()
+    assert _fields(ProfileState.decode(row)) == _fields(p)
+
+
+@pytest.mark.parametrize("codec", ["python", "native"])
+def test_a_damaged_row_raises_value_error(codec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if codec == "python":
+        monkeypatch.setattr(state_module, "_row_to_json", None)
+    else:
+        _native_module()
+    p = _profile()
+    row = p.encode()
+    for damaged in (row[:-1], row[: len(row) // 2], row + b"\x00", ROW_FORMAT + b"\x05ab"):
+        with pytest.raises(ValueError):
+            ProfileState.decode(damaged)
+    assert _fields(ProfileState.decode(row)) == _fields(p)

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 from streams.core import IdentityGraph, LinkResult, MemoryStore, RocksStore, Rules, TypeLimit, load_rules
 from streams.core.rules import DEFAULT_RULES_PATH, rules_from_mapping
-from streams.core.state import ORDER_TYPES, ProfileState
+from streams.core.state import ORDER_TYPES, ROW_FORMAT, ProfileState
 from streams.events import Identifier, NormalizedEvent
 from streams.exceptions import UnknownProfileOrIdentifier
 from tests.native_toolchain import can_build
@@ -123,6 +123,8 @@ def _first_diff(a: Any, b: Any, path: str = "", *, ordered: bool = False) -> tup
 def _json_or_raw(raw: bytes | None) -> Any:
     if raw is None:
         return None
+    if raw[:1] == ROW_FORMAT:  # a packed profile row: its JSON, for a readable difference
+        raw = ProfileState.decode(raw).positional_json()
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -1430,7 +1432,7 @@ def _hand_edit(store: MemoryStore, edit: str) -> None:
     verified flags as 0 / 1, an empty neighbour list for none, a record's type other than its key's."""
     rows = []
     for n, (k, v) in enumerate(store.iter_prefix(b"p:")):
-        d = orjson.loads(v)
+        d = orjson.loads(ProfileState.decode(v).positional_json())  # edited, written back as JSON
         if d[0] != 1:
             continue
         if edit == "extra" and n % 2:
