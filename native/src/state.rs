@@ -576,7 +576,8 @@ impl Unpacker<'_> {
         loop {
             let b = *self.raw.get(self.at).ok_or("packed profile cut short")?;
             self.at += 1;
-            if shift > 63 {
+            if shift == 63 && b > 1 {
+                // a tenth byte may hold one bit of 64
                 return Err("packed profile: varint too long".into());
             }
             n |= u64::from(b & 0x7F) << shift;
@@ -812,6 +813,9 @@ impl Profile {
         let mut ids = Vec::with_capacity(n.min(r.raw.len()));
         for _ in 0..n {
             let flags = r.bytes(1)?[0];
+            if flags >= 0x80 {
+                return Err("packed profile: bad record flags".into());
+            }
             let key = r.str()?;
             let typ = if flags & TYPE_IN_KEY != 0 {
                 let end = key
@@ -862,7 +866,8 @@ impl Profile {
             None => Vec::new(),
             Some(text) => match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Object(m)) => m.into_iter().collect(),
-                _ => return Err("packed profile: extra fields are not a JSON object".into()),
+                Ok(_) => return Err("packed profile: extra fields are not a JSON object".into()),
+                Err(e) => return Err(format!("packed profile: extra fields: {e}")),
             },
         };
         p.rebuild_types();

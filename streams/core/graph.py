@@ -304,10 +304,8 @@ class IdentityGraph:
         keep = self._cold_profiles > 0
         b_young, b_old = self._b_young, self._b_old
         for pid, p in self._dirty_p.items():
-            raw = p.encode()
+            raw = p.encode()  # exact-size bytes (orjson's, which the row was until 0.4.4, were 8 KB buffers)
             if keep:
-                # an exact-size copy: orjson hands back an 8 KB buffer whatever the length
-                raw = bytes(memoryview(raw))
                 b_young[pid] = raw
                 b_old.pop(pid, None)
             yield b"p:" + pid.encode(), raw

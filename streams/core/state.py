@@ -300,7 +300,10 @@ class ProfileState:
         four times faster than packing in Python).
         """
         if _native_row is not None:
-            return _native_row(self)
+            try:
+                return _native_row(self)
+            except ValueError:  # `extra` nested deeper than serde_json reads (128 levels): same bytes here
+                pass
         return _pack_row(self)
 
     def positional_json(self) -> bytes:
@@ -364,7 +367,17 @@ class ProfileState:
         if raw[:1] == ROW_FORMAT:
             if _row_to_json is None:
                 return _unpack_row(raw)
-            raw = _row_to_json(raw)
+            try:
+                raw = _row_to_json(raw)
+            except ValueError:  # damaged, or an `extra` too deep for serde_json: the Python codec tells which
+                return _unpack_row(raw)
+        try:
+            return cls._from_json(raw)
+        except InvalidOperation as exc:  # a revenue string that is no decimal: the row is damaged
+            raise ValueError(f"profile row with an invalid revenue amount: {exc!r}") from None
+
+    @classmethod
+    def _from_json(cls, raw: bytes) -> ProfileState:
         d = orjson.loads(raw)
         if type(d) is dict:
             return cls.from_dict(d)
@@ -464,6 +477,8 @@ class _Packer:
         out.append(n)
 
     def signed(self, n: int) -> None:
+        if not -(1 << 63) <= n < 1 << 63:
+            raise OverflowError(f"{n} does not fit a signed 64-bit integer")  # as the native codec refuses it
         self.uint(((n << 1) ^ (n >> 63)) & _U64)
 
     def blob(self, b: bytes) -> None:
@@ -568,6 +583,8 @@ class _Unpacker:
                 raise ValueError("packed profile row cut short")
             b = self.raw[self.at]
             self.at += 1
+            if shift == 63 and b > 1:  # a tenth byte may hold one bit of 64
+                raise ValueError("packed profile row: varint too long")
             n |= (b & 0x7F) << shift
             if b < 0x80:
                 return n
@@ -625,12 +642,18 @@ def _unpack_row(raw: bytes) -> ProfileState:
         p.last_ms = _wrapping(base + r.signed())
         p.events, p.orders = r.signed(), r.signed()
         for _ in range(r.uint()):
-            currency = r.name()
-            p.revenue[currency] = Decimal(r.string())
+            currency, amount = r.name(), r.string()
+            try:
+                p.revenue[currency] = Decimal(amount)
+            except InvalidOperation:
+                raise ValueError(f"packed profile row: revenue {amount!r} is no decimal") from None
         p.channels = r.slots(base)
         p.sources = r.slots(base)
         for _ in range(r.uint()):
-            flags = r.uint()  # one byte: the flags fit in seven bits
+            flags = r.raw[r.at] if r.at < len(r.raw) else 0x80  # one byte, as Rust reads it
+            if flags >= 0x80:
+                raise ValueError("packed profile row: bad record flags")
+            r.at += 1
             key = r.string()
             type_ = key[: key.index(":")] if flags & _TYPE_IN_KEY else r.name()
             first = _wrapping(base + r.signed())
@@ -647,6 +670,8 @@ def _unpack_row(raw: bytes) -> ProfileState:
         p.split_from = r.opt_str()
         extra = r.opt_str()
         p.extra = orjson.loads(extra) if extra is not None else {}
+        if type(p.extra) is not dict:
+            raise ValueError("packed profile row: extra fields are not a JSON object")
     if r.at != len(raw):
         raise ValueError("packed profile row: bytes after its end")
     return p

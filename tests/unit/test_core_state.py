@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from streams.core import IdentityGraph, MemoryStore
 from streams.core import state as state_module
-from streams.core.state import ERASED, MERGED, ROW_FORMAT, ProfileState, _pack_row, _unpack_row
+from streams.core.state import (
+    ERASED,
+    MERGED,
+    ROW_FORMAT,
+    ProfileState,
+    _pack_row,
+    _Packer,
+    _unpack_row,
+)
 from streams.events import Identifier, NormalizedEvent
 from tests.native_toolchain import can_build
 
@@ -109,7 +117,11 @@ _TIMES = st.integers(946_684_800_000, 4_102_444_800_000)  # validation's window,
 _TEXT = st.text(min_size=0, max_size=12)  # any Unicode but lone surrogates, which JSON cannot carry
 _IDS = st.text("0123456789ABCDEFGHJKMNPQRSTVWXYZ", min_size=1, max_size=26)
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | _TEXT,
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TEXT,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
     max_leaves=6,
 )
@@ -190,8 +202,43 @@ def test_a_damaged_row_raises_value_error(codec: str, monkeypatch: pytest.Monkey
     else:
         _native_module()
     p = _profile()
+    p.revenue = {"RUB": Decimal("1.5")}
     row = p.encode()
-    for damaged in (row[:-1], row[: len(row) // 2], row + b"\x00", ROW_FORMAT + b"\x05ab"):
+    assert row.endswith(b'\x12{"segment":"vip"}') and b"\x031.5" in row
+    overlong = _Packer()  # a seq of ten varint bytes whose last holds more than bit 64
+    overlong.blob(b"01A")
+    overlong.name(MERGED)
+    overlong.out += b"\xff" * 9 + b"\x7f\x00"
+    for damaged in (
+        row[:-1],
+        row[: len(row) // 2],
+        row + b"\x00",
+        ROW_FORMAT + b"\x05ab",
+        bytes(overlong.out),
+        row.replace(b"\x031.5", b"\x031x5"),  # revenue that is no decimal
+        row[: -len(b'{"segment":"vip"}') - 1] + b"\x04[1]",  # extra fields that are no JSON object
+    ):
         with pytest.raises(ValueError):
             ProfileState.decode(damaged)
+        if codec == "native" and b"1x5" not in damaged:  # the Rust codec refuses it too (no fallback)
+            with pytest.raises(ValueError):
+                _native_module().profile_json(damaged)
     assert _fields(ProfileState.decode(row)) == _fields(p)
+
+
+@pytest.mark.parametrize("codec", ["python", "native"])
+def test_integers_beyond_64_bits_are_refused_not_wrapped(codec: str) -> None:
+    p = _profile()
+    p.events = 2**63
+    pack = _pack_row if codec == "python" else _native_module().profile_row
+    with pytest.raises(OverflowError):
+        pack(p)
+
+
+def test_extra_fields_nested_deeper_than_the_native_parser_reads_still_round_trip() -> None:
+    p = _profile()
+    deep: Any = "bottom"
+    for _ in range(200):  # serde_json stops at 128 levels; orjson writes up to 254
+        deep = [deep]
+    p.extra = {"deep": deep}
+    assert _fields(ProfileState.decode(p.encode())) == _fields(p)

@@ -693,7 +693,7 @@ def test_cache_sizes_count_what_the_caches_hold() -> None:
     owners = [k for k, _ in nat.store.iter_prefix(b"i:")]
     assert sizes["packed_profiles"] == len(profiles)
     assert sizes["owners"] >= len(owners)  # and the identifiers looked up that have no owner
-    # one length byte and the id before each packed profile, and fewer bytes than its JSON
+    # one length byte and the id before each packed profile, and fewer bytes than its row (names as symbols)
     assert len(profiles) * 27 < sizes["packed_profile_bytes"] < sum(len(v) for v in profiles)
     assert sizes["owner_bytes"] > sum(len(k) for k in owners)
     assert 0 < sizes["decoded_profiles"] <= len(profiles)
