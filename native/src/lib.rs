@@ -377,12 +377,10 @@ fn profile_row<'py>(py: Python<'py>, p: &Bound<'py, PyAny>) -> PyResult<Bound<'p
     let extra = p.getattr(intern!(py, "extra"))?;
     if extra.is_truthy()? {
         // free-form aggregates: as the JSON orjson writes for them, kept as read
-        let json: Vec<u8> = py
-            .import_bound("orjson")?
-            .call_method1("dumps", (extra,))?
-            .extract()?;
+        let json = py.import_bound("orjson")?.call_method1("dumps", (extra,))?;
         let fields: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            serde_json::from_slice(json.downcast::<PyBytes>()?.as_bytes())
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
         profile.extra = fields.into_iter().collect();
     }
     Ok(PyBytes::new_bound(py, &profile.to_row()))

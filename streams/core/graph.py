@@ -22,10 +22,11 @@ Store layout (all keys bytes, values orjson unless said):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import orjson
 
@@ -129,6 +130,27 @@ class _Pending:
         self.detail = refusal.detail
         self.identifiers = identifiers
         self.other = other
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _holds_profiles(
+    operation: Callable[Concatenate[IdentityGraph, _P], _R],
+) -> Callable[Concatenate[IdentityGraph, _P], _R]:
+    """Mark an operation (link, split, erase) under way while it runs: it holds decoded profiles, so the
+    profile cache must not rotate meanwhile (`IdentityGraph._holding`)."""
+
+    @functools.wraps(operation)
+    def held(graph: IdentityGraph, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        graph._holding += 1
+        try:
+            return operation(graph, *args, **kwargs)
+        finally:
+            graph._holding -= 1
+
+    return held
 
 
 class IdentityGraph:
@@ -370,12 +392,9 @@ class IdentityGraph:
         self._since_flush += 1
         if self._since_flush >= self._flush_every:
             self.flush()
-        self._holding += 1
-        try:
-            return self._link(ev)
-        finally:
-            self._holding -= 1
+        return self._link(ev)
 
+    @_holds_profiles
     def _link(self, ev: NormalizedEvent) -> LinkResult:
         if ev.type == ERASE_TYPE:
             return self._erase_event(ev)
@@ -900,12 +919,9 @@ class IdentityGraph:
         self, profile_id: str, identifiers: Sequence[str], *, at_ms: int | None = None, reason: str = ""
     ) -> tuple[str, tuple[IdentityChange, ...]]:
         """Unmerge: move `identifiers` (and their future events) to a new profile that never re-merges."""
-        self._holding += 1
-        try:
-            return self._split(profile_id, identifiers, at_ms, reason)
-        finally:
-            self._holding -= 1
+        return self._split(profile_id, identifiers, at_ms, reason)
 
+    @_holds_profiles
     def _split(
         self, profile_id: str, identifiers: Sequence[str], at_ms: int | None, reason: str
     ) -> tuple[str, tuple[IdentityChange, ...]]:
@@ -958,12 +974,9 @@ class IdentityGraph:
         self, target: str, *, event_id: str | None = None, at_ms: int = 0
     ) -> tuple[IdentityChange, ...]:
         """Right to be forgotten: erase a whole profile (by id), or one identifier ("type:value")."""
-        self._holding += 1
-        try:
-            return self._erase(target, event_id, at_ms)
-        finally:
-            self._holding -= 1
+        return self._erase(target, event_id, at_ms)
 
+    @_holds_profiles
     def _erase(self, target: str, event_id: str | None, at_ms: int) -> tuple[IdentityChange, ...]:
         changes: list[IdentityChange] = []
         p = self._live(target)

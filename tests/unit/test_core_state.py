@@ -3,6 +3,7 @@ forms earlier versions stored still readable."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -80,7 +81,8 @@ def test_tombstones_round_trip() -> None:
         assert q.to_dict() == p.to_dict() and not q.ids and q.apart == ()
 
 
-def test_a_graph_reopened_on_dict_form_rows_reads_them() -> None:
+def _reopened_on(old_row: Callable[[ProfileState], bytes]) -> None:
+    """A graph reopened on a profile row stored by `old_row` reads it, links on, and writes it packed."""
     store = MemoryStore()
     g = IdentityGraph(store)
     pid = g.link(_event("1", "customer_id:C1", "phone:+7900")).profile_id
@@ -88,27 +90,22 @@ def test_a_graph_reopened_on_dict_form_rows_reads_them() -> None:
     assert pid is not None
     p = g.profile(pid)
     assert p is not None
-    store.put(b"p:" + pid.encode(), orjson.dumps(p.to_dict()))  # as stored before the positional form
+    store.put(b"p:" + pid.encode(), old_row(p))
     again = IdentityGraph(store)
     assert again.link(_event("2", "phone:+7900")).profile_id == pid
     q = again.profile(pid)
     assert q is not None and q.events == 2
-
-
-def test_a_graph_reopened_on_positional_rows_reads_them_and_writes_packed_ones() -> None:
-    store = MemoryStore()
-    g = IdentityGraph(store)
-    pid = g.link(_event("1", "customer_id:C1", "phone:+7900")).profile_id
-    g.flush()
-    assert pid is not None
-    p = g.profile(pid)
-    assert p is not None
-    store.put(b"p:" + pid.encode(), p.positional_json())  # as 0.4.4 stored it
-    again = IdentityGraph(store)
-    assert again.link(_event("2", "phone:+7900")).profile_id == pid
     again.flush()
     row = store.get(b"p:" + pid.encode())
     assert row is not None and row[:1] == ROW_FORMAT and ProfileState.decode(row).events == 2
+
+
+def test_a_graph_reopened_on_dict_form_rows_reads_them() -> None:
+    _reopened_on(lambda p: orjson.dumps(p.to_dict()))  # as stored before the positional form
+
+
+def test_a_graph_reopened_on_positional_rows_reads_them_and_writes_packed_ones() -> None:
+    _reopened_on(ProfileState.positional_json)  # as 0.4.4 stored it
 
 
 # --- the packed row: any profile, both codecs ---------------------------------------------------------------
