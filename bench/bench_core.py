@@ -7,7 +7,10 @@ Synthetic NormalizedEvents are generated directly (no JSON, no validation) so on
 generation happens in chunks outside the timed region. The data mirrors the simulator's shape (about 12
 events per person, the simulator's source mix; about 3 in 4 events touch only known identifiers of one
 profile and change nothing but aggregates — `events_without_changes` reports the measured share), not a
-stream of brand-new identities. Peak RSS is read after the core run, before networkx builds its graph.
+stream of brand-new identities. Peak RSS is read after the core run, before networkx builds its graph,
+and half-way through (after a flush, untimed, with the identifiers stored then), so that what each further
+identifier costs (`rss_mb_per_1m_more_identifiers`) reads apart from what the process holds whatever the
+data (the interpreter, libraries, RocksDB's memtables, the hot cache, a write batch).
 `--cache-profiles` / `--cold-profiles` / `--cache-identifiers` set the graph's cache sizes (the
 memory / speed trade-off, see BENCHMARKS.md).
 """
@@ -179,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             graph = IdentityGraph(RocksStore(tmp), rules, history=not args.no_history, **extra)
         link = graph.link
         tune_gc()  # as the CLI does: the figures are the replay's
+        halfway: tuple[int, float] | None = None  # (identifiers, peak RSS) half-way through
         for chunk in events(args.events, args.per_person):
+            if halfway is None and n_events >= args.events // 2:
+                graph.flush()
+                halfway = (sum(1 for _ in graph.store.iter_prefix(b"i:")), _rss_mb())
             n_events += len(chunk)
             n_links += sum(len(e.identifiers) for e in chunk)
             t, c, pc = time.perf_counter(), time.thread_time(), time.process_time()
@@ -245,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         "peak_rss_mb_per_1m_identifiers_total": round(rss_core / identifiers * 1e6, 1)
         if identifiers
+        else None,
+        "identifiers_halfway": halfway[0] if halfway else None,
+        "peak_rss_mb_halfway": round(halfway[1], 1) if halfway else None,
+        "rss_mb_per_1m_more_identifiers": round((rss_core - halfway[1]) / (identifiers - halfway[0]) * 1e6, 1)
+        if halfway and identifiers > halfway[0]
         else None,
         "rss_note": f"ru_maxrss of the whole process; events generated lazily, {CHUNK} held at a time",
         "rocksdb_bytes": db_bytes,

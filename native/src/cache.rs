@@ -1,9 +1,13 @@
 //! The graph's long-lived caches in compact form: identifier owners and packed profiles.
 //!
-//! Both hold one heap block per entry — a varint-length-prefixed key followed by the value — in a hash table
-//! of boxed byte slices. A `HashMap<String, Rc<str>>` owner took about 140 bytes an identifier (the slot, the
-//! key's block, the counted id's block); one block and a 16-byte slot take about 75. These caches are what
-//! grows with the number of identifiers, so they set the core's memory per identifier (issue 4).
+//! Each cache is a hash table of 4-byte offsets into an arena of 256 KiB chunks. A record there is a varint
+//! length, the key (varint-length-prefixed: an identifier key, a profile id), then the value. These caches
+//! are what grows with the number of identifiers, so they set the core's memory per identifier (issue 4).
+//! One heap block per entry in a table of boxed slices (0.4.5) took a 16-byte slot per bucket, and a
+//! hashbrown table holds up to twice as many buckets as entries; the allocator's size classes and the pages
+//! that replaced profiles leave half empty came on top. Here a bucket takes 4 bytes, and a chunk whose
+//! replaced or removed records reach a quarter of it is compacted: its live records move to the newest chunk
+//! and it is freed.
 
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -11,13 +15,12 @@ use hashbrown::HashTable;
 use indexmap::IndexSet;
 use rustc_hash::FxHasher;
 
-/// Byte entries keyed by the length-prefixed string they start with (an identifier key, a profile id).
-#[derive(Default)]
-pub struct Keyed {
-    table: HashTable<Box<[u8]>>,
-    /// the entries' bytes, for `Engine.cache_sizes`
-    bytes: usize,
-}
+/// Records start at multiples of `UNIT` bytes: an offset is a chunk number and a unit within the chunk, in
+/// 32 bits, so a cache holds at most 65,536 chunks (16 GiB).
+const UNIT: usize = 4;
+const UNIT_BITS: u32 = 16;
+const CHUNK_BYTES: usize = UNIT << UNIT_BITS;
+const MAX_CHUNKS: usize = 1 << (32 - UNIT_BITS);
 
 fn hash(key: &[u8]) -> u64 {
     let mut h = FxHasher::default();
@@ -25,8 +28,8 @@ fn hash(key: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Append `n` as a LEB128 varint: the entries' key lengths and the packed profile form (whose first field,
-/// the id, is thereby its entry's key).
+/// Append `n` as a LEB128 varint: the records' lengths and key lengths, and the packed profile form (whose
+/// first field, the id, is thereby its record's key).
 pub fn put_uint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -49,6 +52,15 @@ pub fn get_uint(raw: &[u8], at: &mut usize) -> u64 {
     }
 }
 
+fn uint_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
+
 /// Where the key starts and ends in an entry.
 fn key_span(entry: &[u8]) -> (usize, usize) {
     let mut at = 0;
@@ -66,13 +78,143 @@ pub fn value_of(entry: &[u8]) -> &[u8] {
     &entry[key_span(entry).1..]
 }
 
-/// An entry: the key, length-prefixed, then `value`.
-pub fn entry(key: &str, value: &[u8]) -> Box<[u8]> {
-    let mut out = Vec::with_capacity(key.len() + value.len() + 2);
-    put_uint(&mut out, key.len() as u64);
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(value);
-    out.into_boxed_slice()
+/// The bytes a record of an `len`-byte entry takes in a chunk: its length, the entry, padding to a unit.
+fn stride(len: usize) -> usize {
+    (uint_len(len) + len).next_multiple_of(UNIT)
+}
+
+struct Chunk {
+    /// the records, each padded to a unit; the capacity is `CHUNK_BYTES`, or one record's stride for a
+    /// record larger than that (a profile with a large `extra`), which gets a chunk of its own
+    bytes: Vec<u8>,
+    /// strides of the records replaced or removed since they were written
+    garbage: usize,
+    queued: bool,
+}
+
+/// The chunks, and which of them wait to be compacted.
+#[derive(Default)]
+struct Arena {
+    chunks: Vec<Option<Chunk>>,
+    free: Vec<u32>,
+    /// the chunk records are appended to; it is compacted only once another takes its place
+    head: Option<u32>,
+    pending: Vec<u32>,
+    held: usize,
+    compactions: u64,
+}
+
+fn offset(chunk: u32, at: usize) -> u32 {
+    (chunk << UNIT_BITS) | (at / UNIT) as u32
+}
+
+fn locate(off: u32) -> (usize, usize) {
+    (
+        (off >> UNIT_BITS) as usize,
+        (off as usize & ((1 << UNIT_BITS) - 1)) * UNIT,
+    )
+}
+
+impl Arena {
+    /// The entry whose record starts at `off`.
+    fn entry(&self, off: u32) -> &[u8] {
+        let (c, mut at) = locate(off);
+        let bytes = &self.chunks[c]
+            .as_ref()
+            .expect("an offset names a live chunk")
+            .bytes;
+        let len = get_uint(bytes, &mut at) as usize;
+        &bytes[at..at + len]
+    }
+
+    /// Write a record of the entry made of `parts` (`len` bytes in all); its offset.
+    fn append(&mut self, len: usize, parts: &[&[u8]]) -> u32 {
+        let need = stride(len);
+        let c = if need > CHUNK_BYTES {
+            self.new_chunk(need)
+        } else {
+            match self.head {
+                Some(h) if self.chunk(h).bytes.len() + need <= CHUNK_BYTES => h,
+                old => {
+                    let h = self.new_chunk(CHUNK_BYTES);
+                    self.head = Some(h);
+                    if let Some(old) = old {
+                        self.check(old);
+                    }
+                    h
+                }
+            }
+        };
+        let bytes = &mut self.chunks[c as usize].as_mut().expect("just chosen").bytes;
+        let at = bytes.len();
+        put_uint(bytes, len as u64);
+        for part in parts {
+            bytes.extend_from_slice(part);
+        }
+        bytes.resize(at + need, 0);
+        offset(c, at)
+    }
+
+    fn chunk(&self, c: u32) -> &Chunk {
+        self.chunks[c as usize].as_ref().expect("a live chunk")
+    }
+
+    fn new_chunk(&mut self, capacity: usize) -> u32 {
+        let chunk = Chunk {
+            bytes: Vec::with_capacity(capacity),
+            garbage: 0,
+            queued: false,
+        };
+        self.held += chunk.bytes.capacity();
+        match self.free.pop() {
+            Some(c) => {
+                self.chunks[c as usize] = Some(chunk);
+                c
+            }
+            None => {
+                assert!(
+                    self.chunks.len() < MAX_CHUNKS,
+                    "a native cache outgrew 16 GiB: lower cache_identifiers or cold_profiles"
+                );
+                self.chunks.push(Some(chunk));
+                (self.chunks.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Count the record at `off` as garbage; the length of its entry.
+    fn release(&mut self, off: u32) -> usize {
+        let (c, mut at) = locate(off);
+        let chunk = self.chunks[c]
+            .as_mut()
+            .expect("an offset names a live chunk");
+        let len = get_uint(&chunk.bytes, &mut at) as usize;
+        chunk.garbage += stride(len);
+        self.check(c as u32);
+        len
+    }
+
+    /// Queue chunk `c` for compaction once a quarter of it is garbage, unless records are still appended
+    /// to it.
+    fn check(&mut self, c: u32) {
+        if self.head == Some(c) {
+            return;
+        }
+        let chunk = self.chunks[c as usize].as_mut().expect("a live chunk");
+        if !chunk.queued && chunk.garbage * 4 >= chunk.bytes.len() {
+            chunk.queued = true;
+            self.pending.push(c);
+        }
+    }
+}
+
+/// Byte entries keyed by the length-prefixed string they start with (an identifier key, a profile id).
+#[derive(Default)]
+pub struct Keyed {
+    table: HashTable<u32>,
+    arena: Arena,
+    /// the live entries' bytes, for `Engine.cache_sizes`
+    bytes: usize,
 }
 
 impl Keyed {
@@ -88,17 +230,26 @@ impl Keyed {
         self.bytes
     }
 
+    /// The chunks' bytes, garbage and free room included (the table's buckets not).
+    pub fn held(&self) -> usize {
+        self.arena.held
+    }
+
+    pub fn compactions(&self) -> u64 {
+        self.arena.compactions
+    }
+
     pub fn clear(&mut self) {
-        self.table.clear();
-        self.bytes = 0;
+        *self = Keyed::default();
     }
 
     /// The whole entry stored under `key`.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         let key = key.as_bytes();
+        let arena = &self.arena;
         self.table
-            .find(hash(key), |e| key_of(e) == key)
-            .map(|e| &e[..])
+            .find(hash(key), |&o| key_of(arena.entry(o)) == key)
+            .map(|&o| arena.entry(o))
     }
 
     /// The value stored under `key` (the entry after its key).
@@ -106,33 +257,101 @@ impl Keyed {
         self.get(key).map(value_of)
     }
 
-    pub fn take(&mut self, key: &str) -> Option<Box<[u8]>> {
+    /// Remove the entry stored under `key`; its bytes.
+    pub fn take(&mut self, key: &str) -> Option<Vec<u8>> {
+        let off = self.unlink(key)?;
+        let e = self.arena.entry(off).to_vec();
+        self.forget(off);
+        Some(e)
+    }
+
+    /// Remove the entry stored under `key`, if any.
+    pub fn remove(&mut self, key: &str) {
+        if let Some(off) = self.unlink(key) {
+            self.forget(off);
+        }
+    }
+
+    fn unlink(&mut self, key: &str) -> Option<u32> {
         let key = key.as_bytes();
-        match self.table.find_entry(hash(key), |e| key_of(e) == key) {
-            Ok(found) => {
-                let e = found.remove().0;
-                self.bytes -= e.len();
-                Some(e)
-            }
+        let arena = &self.arena;
+        match self
+            .table
+            .find_entry(hash(key), |&o| key_of(arena.entry(o)) == key)
+        {
+            Ok(found) => Some(found.remove().0),
             Err(_) => None,
         }
     }
 
-    /// Store an entry made by `entry` (or taken from another table), replacing one with the same key.
-    pub fn put(&mut self, e: Box<[u8]>) {
-        let h = hash(key_of(&e));
-        self.bytes += e.len();
-        match self
-            .table
-            .entry(h, |old| key_of(old) == key_of(&e), |old| hash(key_of(old)))
-        {
+    fn forget(&mut self, off: u32) {
+        self.bytes -= self.arena.release(off);
+        self.compact_pending();
+    }
+
+    /// Store an entry (`Profile::pack`'s bytes, or one taken from another table), replacing the one with
+    /// the same key.
+    pub fn put(&mut self, e: &[u8]) {
+        self.store(key_of(e), e.len(), &[e]);
+    }
+
+    /// Store the entry of `key` and `value`.
+    pub fn put_pair(&mut self, key: &str, value: &[u8]) {
+        let key = key.as_bytes();
+        let mut prefix = Vec::with_capacity(2);
+        put_uint(&mut prefix, key.len() as u64);
+        let len = prefix.len() + key.len() + value.len();
+        self.store(key, len, &[&prefix, key, value]);
+    }
+
+    fn store(&mut self, key: &[u8], len: usize, parts: &[&[u8]]) {
+        let off = self.arena.append(len, parts);
+        self.bytes += len;
+        let arena = &self.arena;
+        let replaced = match self.table.entry(
+            hash(key),
+            |&o| key_of(arena.entry(o)) == key,
+            |&o| hash(key_of(arena.entry(o))),
+        ) {
             hashbrown::hash_table::Entry::Occupied(mut slot) => {
-                self.bytes -= slot.get().len();
-                *slot.get_mut() = e;
+                Some(std::mem::replace(slot.get_mut(), off))
             }
             hashbrown::hash_table::Entry::Vacant(slot) => {
-                slot.insert(e);
+                slot.insert(off);
+                None
             }
+        };
+        match replaced {
+            Some(old) => self.forget(old),
+            None => self.compact_pending(),
+        }
+    }
+
+    /// Move the live records of every chunk queued by `Arena::check` to the head chunk and free it. A record
+    /// is live when the table still points at it; the rest are what replaced and removed entries left.
+    fn compact_pending(&mut self) {
+        while let Some(c) = self.arena.pending.pop() {
+            let chunk = self.arena.chunks[c as usize]
+                .take()
+                .expect("a queued chunk is live");
+            let mut at = 0;
+            while chunk.garbage < chunk.bytes.len() && at < chunk.bytes.len() {
+                let mut start = at;
+                let len = get_uint(&chunk.bytes, &mut start) as usize;
+                let e = &chunk.bytes[start..start + len];
+                let (off, h) = (offset(c, at), hash(key_of(e)));
+                if self.table.find(h, |&o| o == off).is_some() {
+                    let moved = self.arena.append(len, &[e]);
+                    *self
+                        .table
+                        .find_mut(h, |&o| o == off)
+                        .expect("found just above") = moved;
+                }
+                at += stride(len);
+            }
+            self.arena.held -= chunk.bytes.capacity();
+            self.arena.free.push(c);
+            self.arena.compactions += 1;
         }
     }
 }

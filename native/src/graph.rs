@@ -16,8 +16,10 @@ use pyo3::types::{PyBytes, PyList};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use serde_json::{Map, Value};
 
-use crate::cache::{entry, value_of, Keyed, Symbols};
-use crate::ids::{count_people, derive_profile_id_where, neighbour_code, people_code};
+use crate::cache::{value_of, Keyed, Symbols};
+use crate::ids::{
+    count_people, derive_profile_id_where, neighbour_code, people_code, ulid_bits, ulid_text,
+};
 use crate::rules::{contains, Ident, Rules};
 use crate::state::{bump, put_int, put_opt_str, put_str, put_strs, Profile, Rec, MERGED};
 
@@ -27,6 +29,8 @@ type Pid = Rc<str>;
 
 const STATS_KEY: &[u8] = b"m:stats";
 const NEIGHBOUR_INDEX_KEY: &[u8] = b"m:neighbour-index";
+/// The first byte of an owner held as a ULID's bits (`Graph::owner_value`): no UTF-8 text holds it.
+const ULID_TAG: u8 = 0xFF;
 const STAT_NAMES: [&str; 8] = [
     "events",
     "profiles_created",
@@ -331,7 +335,10 @@ impl Graph {
     }
 
     /// What the caches hold: (name, count) pairs for `Engine.cache_sizes`.
-    pub fn cache_sizes(&self) -> [(&'static str, usize); 6] {
+    /// `*_arena_bytes` are the chunks holding the entries (their garbage and free room included), and
+    /// `arena_compactions` the chunks compacted so far (both generations of both caches).
+    pub fn cache_sizes(&self) -> [(&'static str, usize); 9] {
+        let caches = [&self.b_young, &self.b_old, &self.i_young, &self.i_old];
         [
             ("decoded_profiles", self.p_young.len() + self.p_old.len()),
             ("packed_profiles", self.b_young.len() + self.b_old.len()),
@@ -339,8 +346,17 @@ impl Graph {
                 "packed_profile_bytes",
                 self.b_young.bytes() + self.b_old.bytes(),
             ),
+            (
+                "packed_profile_arena_bytes",
+                self.b_young.held() + self.b_old.held(),
+            ),
             ("owners", self.i_young.len() + self.i_old.len()),
             ("owner_bytes", self.i_young.bytes() + self.i_old.bytes()),
+            ("owner_arena_bytes", self.i_young.held() + self.i_old.held()),
+            (
+                "arena_compactions",
+                caches.iter().map(|c| c.compactions() as usize).sum(),
+            ),
             ("symbols", self.syms.len()),
         ]
     }
@@ -406,7 +422,7 @@ impl Graph {
             None => match self.b_old.take(pid) {
                 Some(packed) => {
                     let profile = Profile::unpack(&packed, &self.syms);
-                    self.b_young.put(packed);
+                    self.b_young.put(&packed);
                     profile
                 }
                 None => {
@@ -436,7 +452,7 @@ impl Graph {
                             .extract()?;
                     }
                     if self.cold_profiles > 0 {
-                        self.b_young.put(profile.pack(&mut self.syms));
+                        self.b_young.put(&profile.pack(&mut self.syms));
                     }
                     profile
                 }
@@ -474,7 +490,7 @@ impl Graph {
         }
         if let Some(e) = self.i_old.take(key) {
             let pid = Self::pid_of(value_of(&e));
-            self.i_young.put(e);
+            self.i_young.put(&e);
             return Ok(pid);
         }
         let pid = if self.i_complete {
@@ -483,20 +499,49 @@ impl Graph {
             let mut k = b"i:".to_vec();
             k.extend_from_slice(key.as_bytes());
             let raw = self.store_get(py, &k)?.unwrap_or_default();
-            String::from_utf8(raw)
-                .map_err(|e| py_err(e.to_string()))?
-                .into_bytes()
+            let pid = String::from_utf8(raw).map_err(|e| py_err(e.to_string()))?;
+            if pid.is_empty() {
+                Vec::new()
+            } else {
+                Self::owner_value(&pid)
+            }
         };
-        self.i_young.put(entry(key, &pid));
+        self.i_young.put_pair(key, &pid);
         Ok(Self::pid_of(&pid))
     }
 
     fn pid_of(value: &[u8]) -> Option<Pid> {
-        (!value.is_empty()).then(|| Rc::from(std::str::from_utf8(value).expect("cached as UTF-8")))
+        (!value.is_empty()).then(|| Rc::from(Self::owner_text(value)))
+    }
+
+    /// An owner as the cache holds it: nothing for none, `ULID_TAG` and the 16 bytes of a ULID (9 bytes
+    /// fewer than its text, and every id the graph makes is one), else the id's text, which as UTF-8 never
+    /// holds the tag's byte.
+    fn owner_value(pid: &str) -> Vec<u8> {
+        match ulid_bits(pid) {
+            Some(bits) => {
+                let mut out = Vec::with_capacity(17);
+                out.push(ULID_TAG);
+                out.extend_from_slice(&bits.to_be_bytes());
+                out
+            }
+            None => pid.as_bytes().to_vec(),
+        }
+    }
+
+    fn owner_text(value: &[u8]) -> String {
+        match value.split_first() {
+            Some((&ULID_TAG, bits)) => ulid_text(u128::from_be_bytes(
+                bits.try_into().expect("a tagged owner holds 16 bytes"),
+            )),
+            _ => std::str::from_utf8(value)
+                .expect("cached as UTF-8")
+                .to_owned(),
+        }
     }
 
     fn set_owner(&mut self, key: &str, pid: &str) {
-        self.i_young.put(entry(key, pid.as_bytes()));
+        self.i_young.put_pair(key, &Self::owner_value(pid));
         self.dirty_i.insert(key.to_owned());
     }
 
@@ -512,8 +557,8 @@ impl Graph {
             if let Some(p) = self.dirty_p.swap_remove(&pid) {
                 let q = p.borrow();
                 if self.cold_profiles > 0 {
-                    self.b_old.take(&pid);
-                    self.b_young.put(q.pack(&mut self.syms));
+                    self.b_old.remove(&pid);
+                    self.b_young.put(&q.pack(&mut self.syms));
                 }
                 self.spilled.insert(pid, q.to_row());
             }
@@ -551,8 +596,8 @@ impl Graph {
                 PyBytes::new_bound(py, &p.to_row()),
             ))?;
             if keep {
-                self.b_old.take(pid);
-                self.b_young.put(p.pack(&mut self.syms));
+                self.b_old.remove(pid);
+                self.b_young.put(&p.pack(&mut self.syms));
             }
         }
         for ident in &self.dirty_i {
@@ -563,7 +608,11 @@ impl Graph {
                 .i_young
                 .value(ident)
                 .expect("a changed owner stays cached until the flush");
-            items.append((PyBytes::new_bound(py, &key), PyBytes::new_bound(py, owner)))?;
+            let owner = Self::owner_text(owner);
+            items.append((
+                PyBytes::new_bound(py, &key),
+                PyBytes::new_bound(py, owner.as_bytes()),
+            ))?;
         }
         for (key, value) in &self.writes {
             let value = value.as_ref().map(|v| PyBytes::new_bound(py, v));

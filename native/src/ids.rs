@@ -63,6 +63,27 @@ pub fn derive_profile_id_where(
     }
 }
 
+/// A ULID's text as its 128 bits, when the text is exactly what `ulid_text` makes of them (the graph's ids
+/// are): 26 characters of the alphabet, the first at most 7.
+pub fn ulid_bits(text: &str) -> Option<u128> {
+    let text = text.as_bytes();
+    if text.len() != 26 || text[0] > b'7' {
+        return None;
+    }
+    text.iter().try_fold(0u128, |acc, c| {
+        let digit = ALPHABET.iter().position(|a| a == c)?;
+        Some((acc << 5) | digit as u128)
+    })
+}
+
+/// The text of a ULID's 128 bits.
+pub fn ulid_text(bits: u128) -> String {
+    (0..26)
+        .rev()
+        .map(|i| ALPHABET[((bits >> (5 * i)) & 31) as usize] as char)
+        .collect()
+}
+
 /// `neighbour_code`: 16-bit tag of the key's type, crc32 of the key.
 pub fn neighbour_code(key: &str) -> i64 {
     let type_part = key.split_once(':').map_or(key, |(t, _)| t);

@@ -665,13 +665,13 @@ impl Profile {
     /// Compact bytes for the graph's cold cache. The profile id comes first (the cache's key). Recurring
     /// names are symbols, times are deltas from the profile's creation, and a record's type and origin are
     /// left out when its key and profile already say them.
-    pub fn pack(&self, syms: &mut Symbols) -> Box<[u8]> {
+    pub fn pack(&self, syms: &mut Symbols) -> Vec<u8> {
         let mut w = Packer {
             out: Vec::with_capacity(64 + 48 * self.ids.len()),
             syms: Some(syms),
         };
         self.pack_into(&mut w);
-        w.out.into_boxed_slice()
+        w.out
     }
 
     /// The stored row (`ProfileState.encode`): `ROW_FORMAT`, then the packed form with every name as text.

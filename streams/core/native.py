@@ -46,12 +46,13 @@ class NativeGraph:
     The caches have the Python graph's shape: `cache_profiles` decoded profiles (Rust structs, about twice
     that many, rotated at an event's start rather than at a flush: a dirty one leaving them before the flush
     is encoded then and waits as its row), below them `cold_profiles` packed ones (symbols, deltas and
-    strings, about 160 bytes, decoded in well under a microsecond), `cache_identifiers` owners (one block of
-    about 46 bytes each); `cache_sizes()` reports them. A decoded profile costs about 1.5 KB, so the hot
-    cache defaults to 5,000 (the Python graph: 100,000); each event of a write batch costs about 3 KB on its
-    way into RocksDB (the batch's rows as Python bytes, the `WriteBatch`, the memtable): `flush_every=5_000`
-    takes 44-57 MB less than the default 20,000 and links 10-18 % slower (BENCHMARKS.md, 0.4.1). No
-    `on_event` hook.
+    strings, about 160 bytes, decoded in well under a microsecond), `cache_identifiers` owners (a record of
+    about 38 bytes each); both in arenas of 256 KiB chunks kept within a third above their live records
+    (native/README.md, "Memory"); `cache_sizes()` reports them. A decoded profile costs about 1.5 KB, so
+    the hot cache defaults to 5,000 (the Python graph: 100,000); each event of a write batch costs about 3 KB
+    on its way into RocksDB (the batch's rows as Python bytes, the `WriteBatch`, the memtable):
+    `flush_every=5_000` takes 44-57 MB less than the default 20,000 and links 10-18 % slower (BENCHMARKS.md,
+    0.4.1). No `on_event` hook.
 
     `link(ev)` returns what `IdentityGraph.link` returns, for events as validation makes them: `verified` a
     bool and `occurred_at_ms` within 64 signed bits (anything else raises before the event changes any
@@ -117,7 +118,8 @@ class NativeGraph:
         return stats
 
     def cache_sizes(self) -> dict[str, int]:
-        """Entries and entry bytes in the engine's caches (decoded and packed profiles, owners, symbols)."""
+        """Entries and entry bytes in the engine's caches (decoded and packed profiles, owners, symbols), the
+        bytes of the chunks holding the packed profiles and owners, and the chunks compacted so far."""
         sizes: dict[str, int] = self._engine.cache_sizes()
         return sizes
 

@@ -699,6 +699,39 @@ def test_cache_sizes_count_what_the_caches_hold() -> None:
     assert 0 < sizes["decoded_profiles"] <= len(profiles)
 
 
+def test_packed_caches_compact_the_records_replaced_profiles_leave() -> None:
+    """The caches' arenas: a profile packed again leaves its old record behind, and a chunk whose dead
+    records reach a quarter of it is compacted, so the chunks stay within a third above the live entries (and
+    one chunk being filled per table); every read meanwhile finds the moved records (the same results and
+    rows as the Python graph, hot cache of one profile so every event reads the packed one)."""
+    rng = random.Random(11)
+    events = []
+    for n in range(4_000):
+        person = rng.randrange(300)
+        idents = (Identifier("email", f"p{person}@x.ru", True), Identifier("device_id", f"d{person % 290}"))
+        events.append(NormalizedEvent(f"e{n}", "web", f"channel {n % 7}", "page_view", _T0 + n, idents))
+    _, nat, _ = _differential(
+        events, Rules(), Trace("# arena compaction"), nat_kw={"cache_profiles": 1, "flush_every": 3}
+    )
+    sizes = nat.cache_sizes()
+    assert sizes["arena_compactions"] > 0
+    chunk = 256 << 10
+    assert sizes["packed_profile_arena_bytes"] <= sizes["packed_profile_bytes"] * 4 / 3 + 2 * chunk
+    assert sizes["owner_arena_bytes"] <= sizes["owner_bytes"] * 4 / 3 + 2 * chunk
+
+
+def test_a_profile_larger_than_a_chunk_is_cached_and_replaced() -> None:
+    """A packed profile over 256 KiB (a value that long: validation caps them, the core does not) takes a
+    chunk of its own, read and replaced like any other, and freed once replaced."""
+    long = "x" * (300 << 10)
+    idents = [(Identifier("cookie_id", f"{long}{n % 2}"),) for n in range(6)]
+    events = [NormalizedEvent(f"e{n}", "web", "web", "page_view", _T0 + n, i) for n, i in enumerate(idents)]
+    _, nat, _ = _differential(events, Rules(), Trace("# a large record"), nat_kw={"cache_profiles": 1})
+    sizes = nat.cache_sizes()
+    assert sizes["packed_profiles"] == 2
+    assert sizes["packed_profile_arena_bytes"] < 4 * (300 << 10)  # the replaced records' chunks were freed
+
+
 _OVERFLOWING = Decimal("9E+999999")  # twice this passes Python's decimal context: the sum raises Overflow
 
 
@@ -1429,7 +1462,18 @@ def test_a_state_in_the_earlier_encoding_is_continued_the_same(spec: Spec, name:
 def _hand_edit(store: MemoryStore, edit: str) -> None:
     """Rows another tool could have written, which the Python core reads and continues: `extra` fields of
     other aggregators (merged by `absorb`), revenue as non-canonical decimal strings ("+10.00", "-05.5"),
-    verified flags as 0 / 1, an empty neighbour list for none, a record's type other than its key's."""
+    verified flags as 0 / 1, an empty neighbour list for none, a record's type other than its key's, profile
+    ids that are no ULIDs (lower case: the native owner cache holds them as text, not as a ULID's bits)."""
+    if edit == "ids-not-ulids":
+        pids = [k[2:] for k, _ in store.iter_prefix(b"p:")]
+
+        def lower(raw: bytes) -> bytes:
+            for pid in pids:
+                raw = raw.replace(pid, pid.lower())  # the same length: packed rows stay valid
+            return raw
+
+        store._data = {lower(k): lower(v) for k, v in store._data.items()}
+        return
     rows = []
     for n, (k, v) in enumerate(store.iter_prefix(b"p:")):
         d = orjson.loads(ProfileState.decode(v).positional_json())  # edited, written back as JSON
@@ -1455,7 +1499,7 @@ def _hand_edit(store: MemoryStore, edit: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "edit", ["extra", "revenue", "verified-as-int", "empty-neighbours", "type-not-in-key"]
+    "edit", ["extra", "revenue", "verified-as-int", "empty-neighbours", "type-not-in-key", "ids-not-ulids"]
 )
 @pytest.mark.parametrize("name", ["shipped", "unprotected", "windowed-limits"])
 def test_a_hand_edited_state_is_continued_the_same(edit: str, name: str) -> None:
