@@ -298,10 +298,17 @@ impl Keyed {
     /// Store the entry of `key` and `value`.
     pub fn put_pair(&mut self, key: &str, value: &[u8]) {
         let key = key.as_bytes();
-        let mut prefix = Vec::with_capacity(2);
-        put_uint(&mut prefix, key.len() as u64);
+        let (mut prefix, mut n) = ([0u8; 10], key.len());
+        let mut at = 0;
+        while n >= 0x80 {
+            prefix[at] = (n as u8) | 0x80;
+            n >>= 7;
+            at += 1;
+        }
+        prefix[at] = n as u8;
+        let prefix = &prefix[..=at]; // `put_uint`'s bytes, without a heap block on this hot path
         let len = prefix.len() + key.len() + value.len();
-        self.store(key, len, &[&prefix, key, value]);
+        self.store(key, len, &[prefix, key, value]);
     }
 
     fn store(&mut self, key: &[u8], len: usize, parts: &[&[u8]]) {

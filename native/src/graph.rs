@@ -511,7 +511,7 @@ impl Graph {
     }
 
     fn pid_of(value: &[u8]) -> Option<Pid> {
-        (!value.is_empty()).then(|| Rc::from(Self::owner_text(value)))
+        (!value.is_empty()).then(|| Rc::from(Self::owner_text(value, &mut [0; 26])))
     }
 
     /// An owner as the cache holds it: nothing for none, `ULID_TAG` and the 16 bytes of a ULID (9 bytes
@@ -529,14 +529,15 @@ impl Graph {
         }
     }
 
-    fn owner_text(value: &[u8]) -> String {
+    /// The owner's id: a ULID spelled into `buf` (no heap block: `owner` reads one per identifier), or the
+    /// text held.
+    fn owner_text<'a>(value: &'a [u8], buf: &'a mut [u8; 26]) -> &'a str {
         match value.split_first() {
-            Some((&ULID_TAG, bits)) => ulid_text(u128::from_be_bytes(
-                bits.try_into().expect("a tagged owner holds 16 bytes"),
-            )),
-            _ => std::str::from_utf8(value)
-                .expect("cached as UTF-8")
-                .to_owned(),
+            Some((&ULID_TAG, bits)) => ulid_text(
+                u128::from_be_bytes(bits.try_into().expect("a tagged owner holds 16 bytes")),
+                buf,
+            ),
+            _ => std::str::from_utf8(value).expect("cached as UTF-8"),
         }
     }
 
@@ -600,6 +601,7 @@ impl Graph {
                 self.b_young.put(&p.pack(&mut self.syms));
             }
         }
+        let mut buf = [0u8; 26];
         for ident in &self.dirty_i {
             let mut key = b"i:".to_vec();
             key.extend_from_slice(ident.as_bytes());
@@ -608,7 +610,7 @@ impl Graph {
                 .i_young
                 .value(ident)
                 .expect("a changed owner stays cached until the flush");
-            let owner = Self::owner_text(owner);
+            let owner = Self::owner_text(owner, &mut buf);
             items.append((
                 PyBytes::new_bound(py, &key),
                 PyBytes::new_bound(py, owner.as_bytes()),

@@ -76,12 +76,12 @@ pub fn ulid_bits(text: &str) -> Option<u128> {
     })
 }
 
-/// The text of a ULID's 128 bits.
-pub fn ulid_text(bits: u128) -> String {
-    (0..26)
-        .rev()
-        .map(|i| ALPHABET[((bits >> (5 * i)) & 31) as usize] as char)
-        .collect()
+/// The text of a ULID's 128 bits (ASCII), spelled into `buf`.
+pub fn ulid_text(bits: u128, buf: &mut [u8; 26]) -> &str {
+    for (i, c) in buf.iter_mut().enumerate() {
+        *c = ALPHABET[((bits >> (5 * (25 - i))) & 31) as usize];
+    }
+    std::str::from_utf8(buf).expect("the alphabet is ASCII")
 }
 
 /// `neighbour_code`: 16-bit tag of the key's type, crc32 of the key.
