@@ -1,3 +1,3 @@
 """Omnistitch: real-time identity stitching on Kafka (pure core + thin faust glue)."""
 
-__version__ = "0.4.6"
+__version__ = "0.4.7"

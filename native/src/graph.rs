@@ -5,6 +5,7 @@
 //! (pending → other, absorb), which behaves the same because the source is dropped. Everything but `link`
 //! (erase events, split, explain, lookups) stays in Python, which reads and writes the same store.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::hash::BuildHasherDefault;
 use std::rc::Rc;
@@ -164,14 +165,34 @@ pub struct Change {
 }
 
 /// What `link` needs of a `NormalizedEvent`; an order keeps its attributes, read as `record_event` reads them.
-pub struct Event {
-    pub id: String,
-    pub source: String,
-    pub channel: String,
+pub struct Event<'a> {
+    /// borrowed from the Python strings, which the caller holds while the event is linked
+    pub id: &'a str,
+    pub source: &'a str,
+    pub channel: &'a str,
     pub at: i64,
     pub idents: Vec<Ident>,
     pub is_order: bool,
     pub attributes: Option<Py<PyAny>>,
+}
+
+/// A row of a flush's write batch: its key, and its value (`None` deletes it).
+type BatchItem<'a, 'py> = (Cow<'a, [u8]>, Option<Bound<'py, PyBytes>>);
+
+/// An owner as `Graph::owner_key` reads it.
+#[derive(PartialEq)]
+enum OwnerKey {
+    Ulid(u128),
+    Text(Pid),
+}
+
+impl OwnerKey {
+    fn text<'a>(&'a self, buf: &'a mut [u8; 26]) -> &'a str {
+        match self {
+            OwnerKey::Ulid(bits) => ulid_text(*bits, buf),
+            OwnerKey::Text(pid) => pid,
+        }
+    }
 }
 
 pub struct LinkOut {
@@ -208,6 +229,9 @@ pub struct Graph {
     i_old: Keyed,
     syms: Symbols,
     dirty_p: IndexMap<String, P, Fx>,
+    /// profiles written since they were last packed, still decoded: packed once, when they leave the decoded
+    /// caches, however many flushes wrote them meanwhile
+    repack: HashSet<String>,
     /// dirty profiles that left the decoded caches before the flush, as the rows the flush will write: a
     /// batch of many events holds their bytes, not their decoded structs (about 4× the size)
     spilled: IndexMap<String, Vec<u8>, Fx>,
@@ -218,10 +242,51 @@ pub struct Graph {
     p_complete: bool,
     generic: HashSet<String>,
     pub stats: Map<String, Value>,
+    /// events linked since `stats["events"]` was last brought up to date, apart from the first, which went
+    /// through `inc` (so a stored counter that is no number fails at an event, as in Python): a map update
+    /// per event was 2 % of a link
+    uncounted_events: i64,
+    window_counted: bool,
 }
 
 fn seen_with(code: i64, key: &str) -> Vec<u8> {
-    format!("n:{code:012x}:{key}").into_bytes()
+    let mut row = Vec::with_capacity(15 + key.len());
+    row.extend_from_slice(b"n:");
+    push_padded(&mut row, code as u64, 16, 12); // `{code:012x}`: codes are 48 bits
+    row.push(b':');
+    row.extend_from_slice(key.as_bytes());
+    row
+}
+
+/// `n` in `radix` (10 or 16, lowercase), zero-padded to `width`, as `format!("{n:0width$}")` writes it: the
+/// key of every history and neighbour row, written without the formatting machinery (a tenth of a link's
+/// instructions went to it, with the identifier keys)
+fn push_padded(out: &mut Vec<u8>, mut n: u64, radix: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = (digits.len() - at).max(width);
+    out.extend_from_slice(&digits[digits.len() - len..]);
+}
+
+/// `h:<profile>:<seq, 10 digits>`: a profile's history rows sort by sequence number
+fn history_key(pid: &str, seq: i64) -> Vec<u8> {
+    let Ok(unsigned) = u64::try_from(seq) else {
+        return format!("h:{pid}:{seq:010}").into_bytes(); // a hand-edited state's; the sign comes first
+    };
+    let mut key = Vec::with_capacity(pid.len() + 14);
+    key.extend_from_slice(b"h:");
+    key.extend_from_slice(pid.as_bytes());
+    key.push(b':');
+    push_padded(&mut key, unsigned, 10, 10);
+    key
 }
 
 fn py_err(e: String) -> PyErr {
@@ -259,6 +324,7 @@ impl Graph {
             i_old: Keyed::default(),
             syms: Symbols::default(),
             dirty_p: IndexMap::default(),
+            repack: HashSet::default(),
             spilled: IndexMap::default(),
             dirty_i: IndexSet::default(),
             writes: Vec::new(),
@@ -267,6 +333,8 @@ impl Graph {
             p_complete: false,
             generic: HashSet::default(),
             stats: Map::new(),
+            uncounted_events: 0,
+            window_counted: false,
         };
         g.load(py)?;
         Ok(g)
@@ -325,6 +393,8 @@ impl Graph {
                 _ => return Err(py_err("m:stats is not a JSON object".into())),
             },
         };
+        self.uncounted_events = 0;
+        self.window_counted = false;
         for name in STAT_NAMES {
             self.stats.entry(name).or_insert(Value::from(0));
         }
@@ -367,6 +437,7 @@ impl Graph {
         self.p_old.clear();
         self.b_young.clear();
         self.b_old.clear();
+        self.repack.clear();
         self.i_young.clear();
         self.i_old.clear();
     }
@@ -378,6 +449,28 @@ impl Graph {
                 self.stats.insert(name.to_owned(), Value::from(delta));
             }
         }
+        Ok(())
+    }
+
+    /// `stats["events"] += 1`, in `uncounted_events` after the flush window's first event.
+    fn count_event(&mut self) -> PyResult<()> {
+        if self.window_counted {
+            self.uncounted_events += 1;
+            return Ok(());
+        }
+        self.inc("events", 1)?;
+        self.window_counted = true;
+        Ok(())
+    }
+
+    /// Bring `stats` up to date before it is read or written.
+    pub fn fold_counters(&mut self) -> PyResult<()> {
+        if self.uncounted_events > 0 {
+            let n = self.uncounted_events;
+            self.uncounted_events = 0;
+            self.inc("events", n)?;
+        }
+        self.window_counted = false;
         Ok(())
     }
 
@@ -413,8 +506,8 @@ impl Graph {
         if let Some(p) = self.p_young.get(pid) {
             return Ok(Some(p.clone()));
         }
-        if let Some(p) = self.p_old.remove(pid) {
-            self.p_young.insert(pid.to_owned(), p.clone());
+        if let Some((pid, p)) = self.p_old.remove_entry(pid) {
+            self.p_young.insert(pid, p.clone());
             return Ok(Some(p));
         }
         let profile = match self.b_young.get(pid) {
@@ -485,11 +578,21 @@ impl Graph {
     }
 
     fn owner(&mut self, py: Python<'_>, key: &str) -> PyResult<Option<Pid>> {
+        self.owner_as(py, key, Self::pid_of)
+    }
+
+    /// The owner of `key` as `read` makes it of the cached value.
+    fn owner_as<T>(
+        &mut self,
+        py: Python<'_>,
+        key: &str,
+        read: fn(&[u8]) -> Option<T>,
+    ) -> PyResult<Option<T>> {
         if let Some(pid) = self.i_young.value(key) {
-            return Ok(Self::pid_of(pid));
+            return Ok(read(pid));
         }
         if let Some(e) = self.i_old.take(key) {
-            let pid = Self::pid_of(value_of(&e));
+            let pid = read(value_of(&e));
             self.i_young.put(&e);
             return Ok(pid);
         }
@@ -507,11 +610,25 @@ impl Graph {
             }
         };
         self.i_young.put_pair(key, &pid);
-        Ok(Self::pid_of(&pid))
+        Ok(read(&pid))
     }
 
     fn pid_of(value: &[u8]) -> Option<Pid> {
         (!value.is_empty()).then(|| Rc::from(Self::owner_text(value, &mut [0; 26])))
+    }
+
+    /// An owner compared as the cache holds it: the hot path reads one per identifier and spells only the
+    /// profile's id, once (equal values are equal ids: `owner_value` is a function of the id).
+    fn owner_key(value: &[u8]) -> Option<OwnerKey> {
+        match value.split_first() {
+            None => None,
+            Some((&ULID_TAG, bits)) => Some(OwnerKey::Ulid(u128::from_be_bytes(
+                bits.try_into().expect("a tagged owner holds 16 bytes"),
+            ))),
+            Some(_) => Some(OwnerKey::Text(Rc::from(
+                std::str::from_utf8(value).expect("cached as UTF-8"),
+            ))),
+        }
     }
 
     /// An owner as the cache holds it: nothing for none, `ULID_TAG` and the 16 bytes of a ULID (9 bytes
@@ -547,20 +664,24 @@ impl Graph {
     }
 
     /// Past `cache_profiles` decoded profiles, drop the older generation. A dirty profile in it is encoded
-    /// now (its row waits in `spilled` for the flush) and packed, so the decoded caches stay near twice
-    /// their size however many events a batch holds.
+    /// now (its row waits in `spilled` for the flush), and it and any profile written since it was last
+    /// packed are packed, so the decoded caches stay near twice their size however many events a batch holds.
     fn rotate_profiles(&mut self) {
         let dropped = std::mem::replace(&mut self.p_old, std::mem::take(&mut self.p_young));
-        if self.dirty_p.is_empty() {
-            return; // right after a flush
+        if self.dirty_p.is_empty() && self.repack.is_empty() {
+            return;
         }
-        for (pid, _) in dropped {
-            if let Some(p) = self.dirty_p.swap_remove(&pid) {
-                let q = p.borrow();
-                if self.cold_profiles > 0 {
-                    self.b_old.remove(&pid);
-                    self.b_young.put(&q.pack(&mut self.syms));
-                }
+        for (pid, p) in dropped {
+            let dirty = self.dirty_p.swap_remove(&pid);
+            if !self.repack.remove(&pid) && dirty.is_none() {
+                continue;
+            }
+            let q = dirty.as_ref().unwrap_or(&p).borrow();
+            if self.cold_profiles > 0 {
+                self.b_old.remove(&pid);
+                self.b_young.put(&q.pack(&mut self.syms));
+            }
+            if dirty.is_some() {
                 self.spilled.insert(pid, q.to_row());
             }
         }
@@ -578,7 +699,13 @@ impl Graph {
 
     /// Write every buffered change to the store in one batch, then trim the caches.
     pub fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
-        let items = PyList::empty_bound(py);
+        self.fold_counters()?;
+        // In key order (stable: a key written twice keeps its last value): RocksDB inserts each into its
+        // memtable's skip list from where the previous one went, instead of searching from the top, and the
+        // inserts were a fifth of a link's instructions.
+        let mut items: Vec<BatchItem<'_, '_>> = Vec::with_capacity(
+            self.spilled.len() + self.dirty_p.len() + self.dirty_i.len() + self.writes.len() + 1,
+        );
         let keep = self.cold_profiles > 0;
         for (pid, row) in &self.spilled {
             if self.dirty_p.contains_key(pid) {
@@ -586,19 +713,15 @@ impl Graph {
             }
             let mut key = b"p:".to_vec();
             key.extend_from_slice(pid.as_bytes());
-            items.append((PyBytes::new_bound(py, &key), PyBytes::new_bound(py, row)))?;
+            items.push((key.into(), Some(PyBytes::new_bound(py, row))));
         }
         for (pid, p) in &self.dirty_p {
             let mut key = b"p:".to_vec();
             key.extend_from_slice(pid.as_bytes());
-            let p = p.borrow();
-            items.append((
-                PyBytes::new_bound(py, &key),
-                PyBytes::new_bound(py, &p.to_row()),
-            ))?;
+            let row = PyBytes::new_bound(py, &p.borrow().to_row());
+            items.push((key.into(), Some(row)));
             if keep {
-                self.b_old.remove(pid);
-                self.b_young.put(&p.pack(&mut self.syms));
+                self.repack.insert(pid.clone()); // packed when it leaves the decoded caches
             }
         }
         let mut buf = [0u8; 26];
@@ -611,20 +734,24 @@ impl Graph {
                 .value(ident)
                 .expect("a changed owner stays cached until the flush");
             let owner = Self::owner_text(owner, &mut buf);
-            items.append((
-                PyBytes::new_bound(py, &key),
-                PyBytes::new_bound(py, owner.as_bytes()),
-            ))?;
+            items.push((key.into(), Some(PyBytes::new_bound(py, owner.as_bytes()))));
         }
         for (key, value) in &self.writes {
             let value = value.as_ref().map(|v| PyBytes::new_bound(py, v));
-            items.append((PyBytes::new_bound(py, key), value))?;
+            items.push((Cow::Borrowed(key.as_slice()), value));
         }
         let stats = serde_json::to_vec(&self.stats).map_err(|e| py_err(e.to_string()))?;
-        items.append((
-            PyBytes::new_bound(py, STATS_KEY),
-            PyBytes::new_bound(py, &stats),
-        ))?;
+        items.push((
+            Cow::Borrowed(STATS_KEY),
+            Some(PyBytes::new_bound(py, &stats)),
+        ));
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let items = PyList::new_bound(
+            py,
+            items
+                .into_iter()
+                .map(|(key, value)| (PyBytes::new_bound(py, &key), value)),
+        );
         self.store.bind(py).call_method1("write_batch", (items,))?;
         self.dirty_p.clear();
         self.spilled.clear();
@@ -663,7 +790,7 @@ impl Graph {
         };
         self.touch(p);
         if self.history {
-            let hkey = format!("h:{pid}:{seq:010}").into_bytes();
+            let hkey = history_key(&pid, seq);
             let mut entry = Vec::with_capacity(160);
             entry.extend_from_slice(b"{\"k\":");
             put_str(&mut entry, kind.name());
@@ -677,10 +804,11 @@ impl Graph {
             self.writes.push((hkey.clone(), Some(entry)));
             if let Payload::Refused { identifiers, .. } = &payload {
                 for key in identifiers {
-                    self.writes.push((
-                        format!("r:{key}:{pid}:{seq:010}").into_bytes(),
-                        Some(hkey.clone()),
-                    ));
+                    let mut rkey = Vec::with_capacity(key.len() + hkey.len() + 1);
+                    rkey.extend_from_slice(b"r:");
+                    rkey.extend_from_slice(key.as_bytes());
+                    rkey.extend_from_slice(&hkey[1..]); // `:<profile>:<seq>`
+                    self.writes.push((rkey, Some(hkey.clone())));
                 }
             }
         }
@@ -722,8 +850,8 @@ impl Graph {
         if at < p.first {
             p.first = at;
         }
-        bump(&mut p.channels, &ev.channel, 1, at);
-        bump(&mut p.sources, &ev.source, 1, at);
+        bump(&mut p.channels, ev.channel, 1, at);
+        bump(&mut p.sources, ev.source, 1, at);
         if ev.is_order {
             p.orders += 1;
         }
@@ -818,7 +946,7 @@ impl Graph {
     // --- link ---------------------------------------------------------------------------------
 
     pub fn link(&mut self, py: Python<'_>, ev: &Event) -> PyResult<LinkOut> {
-        self.inc("events", 1)?;
+        self.count_event()?;
         self.since_flush += 1;
         if self.since_flush >= self.flush_every {
             self.flush(py)?;
@@ -826,11 +954,11 @@ impl Graph {
             self.rotate_profiles();
         }
         // hot path: every identifier known, none generic, all in one live profile
-        let mut first: Option<Pid> = None;
+        let mut first: Option<OwnerKey> = None;
         let mut best: Option<(usize, usize)> = None; // (rank, index of the anchor)
         let mut hot = true;
         for (i, ident) in ev.idents.iter().enumerate() {
-            let pid = self.owner(py, &ident.key)?;
+            let pid = self.owner_as(py, &ident.key, Self::owner_key)?;
             let Some(pid) = pid else {
                 hot = false;
                 break;
@@ -840,7 +968,7 @@ impl Graph {
                 break;
             }
             first = Some(pid);
-            let r = self.rules.rank_of(&ident.typ);
+            let r = self.rules.rank_of(ident.typ());
             let better = match best {
                 None => true,
                 Some((br, bi)) => r < br || (r == br && ident.key < ev.idents[bi].key),
@@ -851,7 +979,9 @@ impl Graph {
         }
         if hot {
             if let Some(first) = first {
-                if let Some(p) = self.get_profile(py, &first)? {
+                let mut buf = [0u8; 26];
+                let first = first.text(&mut buf);
+                if let Some(p) = self.get_profile(py, first)? {
                     let active = p.borrow().is_active();
                     if active {
                         {
@@ -876,7 +1006,7 @@ impl Graph {
                         self.touch(&p);
                         let anchor = best.map(|(_, i)| ev.idents[i].key.clone());
                         return Ok(LinkOut {
-                            profile_id: Some(first.to_string()),
+                            profile_id: Some(first.to_owned()),
                             changes: Vec::new(),
                             anchor,
                         });
@@ -889,14 +1019,14 @@ impl Graph {
         let rank: Vec<usize> = ev
             .idents
             .iter()
-            .map(|i| self.rules.rank_of(&i.typ))
+            .map(|i| self.rules.rank_of(i.typ()))
             .collect();
         order.sort_by(|&x, &y| (rank[x], &ev.idents[x].key).cmp(&(rank[y], &ev.idents[y].key)));
         for w in order.windows(2) {
             let (a, b) = (&ev.idents[w[0]], &ev.idents[w[1]]);
             if rank[w[0]] == rank[w[1]]
                 && a.key == b.key
-                && (a.typ != b.typ || a.verified != b.verified)
+                && (a.typ() != b.typ() || a.verified != b.verified)
             {
                 // Python's sort then compares the two Identifier objects, which have no order
                 return Err(PyTypeError::new_err(
@@ -945,7 +1075,7 @@ impl Graph {
             .filter_map(|(j, i)| {
                 self.rules
                     .generic_max
-                    .get(&i.typ)
+                    .get(i.typ())
                     .map(|most| (j, neighbour_code(&i.key), *most))
             })
             .collect();
@@ -954,7 +1084,7 @@ impl Graph {
         }
         let mut became = Vec::new();
         for (xi, ident) in idents.iter().enumerate() {
-            if !contains(&self.rules.generic_types, &ident.typ) {
+            if !contains(&self.rules.generic_types, ident.typ()) {
                 continue;
             }
             let ox = owners[xi].clone();
@@ -1018,13 +1148,13 @@ impl Graph {
             }
         }
         Rec {
-            typ: ident.typ.clone(),
+            typ: ident.typ().to_owned(),
             first: ev.at,
             last: ev.at,
-            source: ev.source.clone(),
+            source: ev.source.to_owned(),
             verified: ident.verified,
             verified_as: None,
-            via: ev.id.clone(),
+            via: ev.id.to_owned(),
             origin: origin.to_owned(),
             nb: nb.cloned(),
         }
@@ -1152,7 +1282,7 @@ impl Graph {
         mut owners: Vec<Option<Pid>>,
     ) -> PyResult<LinkOut> {
         let at = ev.at;
-        let ev_id = ev.id.as_str();
+        let ev_id = ev.id;
         let mut changes: Vec<Change> = Vec::new();
         let mut deferred: Vec<Pending> = Vec::new();
         let mut new_nb: HashMap<String, Vec<i64>> = HashMap::default();
@@ -1434,7 +1564,7 @@ impl Graph {
         let tid = target.borrow().id.clone();
         let mut person_here = false;
         for (k, i) in keys.iter().zip(idents.iter()) {
-            if contains(&self.rules.shared_person_types, &i.typ)
+            if contains(&self.rules.shared_person_types, i.typ())
                 && self.owner(py, k)?.as_deref() == Some(tid.as_str())
             {
                 person_here = true;
@@ -1446,7 +1576,7 @@ impl Graph {
         }
         let code = people_code(&tid);
         for (key, ident) in keys.iter().zip(idents.iter()) {
-            if !contains(&self.rules.shared_types, &ident.typ) || self.generic.contains(key) {
+            if !contains(&self.rules.shared_types, ident.typ()) || self.generic.contains(key) {
                 continue;
             }
             let Some(own) = self.owner(py, key)? else {

@@ -22,7 +22,7 @@ use rustc_hash::FxHashMap as HashMap;
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use graph::{Change, Event, Field, Graph, Kind};
 use rules::{Ident, Rules};
@@ -90,6 +90,9 @@ struct Engine {
     link_result: Py<PyAny>,
     new_tuple: Py<PyAny>,
     change: Py<PyAny>,
+    /// `object.__new__`: an `IdentityChange` is made empty and filled slot by slot (`set_slot`), as its frozen
+    /// dataclass `__init__` does in Python bytecode (about 9,000 instructions a change)
+    new_object: Py<PyAny>,
     kinds: [Py<PyAny>; 4],
     no_changes: Py<PyTuple>,
     /// links erase events through the Python graph (a fresh one over the same, flushed store)
@@ -100,20 +103,24 @@ struct Engine {
 }
 
 impl Engine {
-    fn event(&self, py: Python<'_>, ev: &Bound<'_, PyAny>, typ: &str) -> PyResult<Event> {
+    /// The event as `Graph::link` reads it; its texts borrow the Python strings, which `held` keeps.
+    fn event<'a, 'py>(
+        &self,
+        py: Python<'py>,
+        ev: &Bound<'py, PyAny>,
+        typ: &str,
+        held: &'a mut Option<[Bound<'py, PyString>; 3]>,
+    ) -> PyResult<Event<'a>> {
         let mut idents = Vec::new();
         for item in ev.getattr(pyo3::intern!(py, "identifiers"))?.iter()? {
             let item = item?;
-            let t: String = item.getattr(pyo3::intern!(py, "type"))?.extract()?;
-            let value: String = item.getattr(pyo3::intern!(py, "value"))?.extract()?;
+            let typ = item.getattr(pyo3::intern!(py, "type"))?;
+            let typ = typ.downcast::<PyString>()?.to_str()?;
+            let value = item.getattr(pyo3::intern!(py, "value"))?;
+            let value = value.downcast::<PyString>()?.to_str()?;
             // a bool, as validation makes it (the Python graph would store any truthy value as given)
             let verified: bool = item.getattr(pyo3::intern!(py, "verified"))?.extract()?;
-            let key = format!("{t}:{value}");
-            idents.push(Ident {
-                typ: t,
-                key,
-                verified,
-            });
+            idents.push(Ident::new(typ, value, verified));
         }
         let is_order = ORDER_TYPES.contains(&typ);
         // the order's attributes, read when the event is folded into its profile (as `record_event` does)
@@ -122,11 +129,20 @@ impl Engine {
         } else {
             None
         };
+        let text = |name| -> PyResult<Bound<'py, PyString>> {
+            Ok(ev.getattr(name)?.downcast_into::<PyString>()?)
+        };
+        let [id, source, channel] = held.insert([
+            text(intern!(py, "event_id"))?,
+            text(intern!(py, "source"))?,
+            text(intern!(py, "channel"))?,
+        ]);
+        let at = ev.getattr(pyo3::intern!(py, "occurred_at_ms"))?.extract()?;
         Ok(Event {
-            id: ev.getattr(pyo3::intern!(py, "event_id"))?.extract()?,
-            source: ev.getattr(pyo3::intern!(py, "source"))?.extract()?,
-            channel: ev.getattr(pyo3::intern!(py, "channel"))?.extract()?,
-            at: ev.getattr(pyo3::intern!(py, "occurred_at_ms"))?.extract()?,
+            id: id.to_str()?,
+            source: source.to_str()?,
+            channel: channel.to_str()?,
+            at,
             idents,
             is_order,
             attributes,
@@ -148,11 +164,30 @@ impl Engine {
             Kind::Merged => &self.kinds[2],
             Kind::Refused => &self.kinds[3],
         };
-        Ok(self
-            .change
-            .bind(py)
-            .call1((kind, &c.profile_id, c.seq, &c.event_id, c.at, payload))?
-            .unbind())
+        let change = self.new_object.bind(py).call1((self.change.bind(py),))?;
+        set_slot(&change, intern!(py, "kind"), kind.bind(py))?;
+        set_slot(
+            &change,
+            intern!(py, "profile_id"),
+            &c.profile_id.to_object(py).into_bound(py),
+        )?;
+        set_slot(
+            &change,
+            intern!(py, "seq"),
+            &c.seq.to_object(py).into_bound(py),
+        )?;
+        set_slot(
+            &change,
+            intern!(py, "event_id"),
+            &c.event_id.to_object(py).into_bound(py),
+        )?;
+        set_slot(
+            &change,
+            intern!(py, "at_ms"),
+            &c.at.to_object(py).into_bound(py),
+        )?;
+        set_slot(&change, intern!(py, "payload"), &payload)?;
+        Ok(change.unbind())
     }
 
     fn take_back(&mut self, py: Python<'_>) -> PyResult<()> {
@@ -203,6 +238,11 @@ impl Engine {
                 .getattr("__new__")?
                 .unbind(),
             change,
+            new_object: py
+                .import_bound("builtins")?
+                .getattr("object")?
+                .getattr("__new__")?
+                .unbind(),
             kinds: [kinds.0, kinds.1, kinds.2, kinds.3],
             no_changes: PyTuple::empty_bound(py).unbind(),
             delegate,
@@ -221,7 +261,8 @@ impl Engine {
             self.g.load(py)?;
             return Ok(result?.unbind());
         }
-        let event = self.event(py, ev, &typ)?;
+        let mut held = None;
+        let event = self.event(py, ev, &typ, &mut held)?;
         let out = self.g.link(py, &event)?;
         let changes: Bound<'_, PyTuple> = if out.changes.is_empty() {
             self.no_changes.bind(py).clone()
@@ -277,17 +318,34 @@ impl Engine {
     }
 
     /// The counters, as `IdentityGraph.stats` holds them (a copy).
-    fn stats(&self, py: Python<'_>) -> PyResult<PyObject> {
+    fn stats(&mut self, py: Python<'_>) -> PyResult<PyObject> {
         if let Some(graph) = &self.lent {
             let copy = py.import_bound("copy")?;
             return Ok(copy
                 .call_method1("deepcopy", (graph.bind(py).getattr("stats")?,))?
                 .unbind());
         }
+        self.g.fold_counters()?;
         let json = py.import_bound("json")?;
         let text = serde_json::to_string(&self.g.stats)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(json.call_method1("loads", (text,))?.unbind())
+    }
+}
+
+/// `object.__setattr__(obj, name, value)` without a call through Python: sets the slot of a frozen
+/// dataclass, whose own `__setattr__` refuses.
+fn set_slot(
+    obj: &Bound<'_, PyAny>,
+    name: &Bound<'_, PyString>,
+    value: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    // SAFETY: the three objects are alive for the call (borrowed); the function takes no reference
+    let status =
+        unsafe { pyo3::ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value.as_ptr()) };
+    match status {
+        0 => Ok(()),
+        _ => Err(PyErr::fetch(obj.py())),
     }
 }
 

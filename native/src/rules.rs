@@ -7,9 +7,29 @@ use crate::state::Profile;
 /// A usable identifier of the event being linked.
 #[derive(Clone, Debug)]
 pub struct Ident {
-    pub typ: String,
+    /// `type:value`
     pub key: String,
+    /// where the type ends in `key` (the type is read from there: one heap block less per identifier)
+    pub typ_len: usize,
     pub verified: bool,
+}
+
+impl Ident {
+    pub fn new(typ: &str, value: &str, verified: bool) -> Self {
+        let mut key = String::with_capacity(typ.len() + 1 + value.len());
+        key.push_str(typ);
+        key.push(':');
+        key.push_str(value);
+        Ident {
+            key,
+            typ_len: typ.len(),
+            verified,
+        }
+    }
+
+    pub fn typ(&self) -> &str {
+        &self.key[..self.typ_len]
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -88,7 +108,7 @@ impl Rules {
         if !self.protection {
             return None;
         }
-        let t = ident.typ.as_str();
+        let t = ident.typ();
         if contains(&self.unique, t) && p.type_count(t) > 0 {
             return refusal(
                 format!("unique:{t}"),
@@ -140,8 +160,8 @@ impl Rules {
         }
         let strong = &self.strong;
         if self.weak_cannot_bridge {
-            let bridge_strong = side_a.iter().any(|i| contains(strong, &i.typ))
-                && side_b.iter().any(|i| contains(strong, &i.typ));
+            let bridge_strong = side_a.iter().any(|i| contains(strong, i.typ()))
+                && side_b.iter().any(|i| contains(strong, i.typ()));
             if !bridge_strong && a.has_type_in(strong) && b.has_type_in(strong) {
                 return refusal(
                     "weak_bridge",
@@ -152,10 +172,10 @@ impl Rules {
         if self.verified_beats_unverified {
             let bridge_verified = side_a
                 .iter()
-                .any(|i| i.verified && contains(strong, &i.typ))
+                .any(|i| i.verified && contains(strong, i.typ()))
                 && side_b
                     .iter()
-                    .any(|i| i.verified && contains(strong, &i.typ));
+                    .any(|i| i.verified && contains(strong, i.typ()));
             if !bridge_verified && self.holds_verified(a) && self.holds_verified(b) {
                 return refusal(
                     "unverified_bridge",
@@ -208,10 +228,10 @@ impl Rules {
     fn is_soft_side(&self, side: &[Ident]) -> bool {
         let mut strong = 0;
         for i in side {
-            if i.verified || contains(&self.unique, &i.typ) {
+            if i.verified || contains(&self.unique, i.typ()) {
                 return false;
             }
-            if contains(&self.strong, &i.typ) {
+            if contains(&self.strong, i.typ()) {
                 strong += 1;
             }
         }

@@ -707,7 +707,12 @@ impl Profile {
         w.uint(self.ids.len() as u64);
         for (key, r) in &self.ids {
             let mut flags = 0;
-            if key.find(':') == Some(r.typ.len()) && key.starts_with(r.typ.as_str()) {
+            // the key's first ':' ends the type
+            let typ = r.typ.as_bytes();
+            if key.as_bytes().get(typ.len()) == Some(&b':')
+                && key.as_bytes().starts_with(typ)
+                && !typ.contains(&b':')
+            {
                 flags |= TYPE_IN_KEY;
             }
             if r.origin == self.id {

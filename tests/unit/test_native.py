@@ -681,22 +681,23 @@ def test_more_names_than_the_packed_form_has_symbols_for() -> None:
 
 
 def test_cache_sizes_count_what_the_caches_hold() -> None:
-    """`cache_sizes()` (printed by bench_core.py): with caches larger than the state, every profile row is
-    held packed, every identifier row's owner is held, and the byte counts are the entries' sizes."""
+    """`cache_sizes()` (printed by bench_core.py): with packed caches larger than the state, every profile
+    row is held packed but those still decoded (a profile is packed when it leaves the decoded cache, here of
+    one), every identifier row's owner is held, and the byte counts are the entries' sizes."""
     events, _ = _build(_random_spec(random.Random(8), 400))
-    nat = _native(MemoryStore(), RULE_SETS["shipped"][0])
+    nat = _native(MemoryStore(), RULE_SETS["shipped"][0], cache_profiles=1)
     for ev in (ev for ev in events if ev.type != "erase"):  # an erase event empties the caches
         nat.link(ev)
     nat.flush()
     sizes = nat.cache_sizes()
     profiles = [v for _, v in nat.store.iter_prefix(b"p:")]
     owners = [k for k, _ in nat.store.iter_prefix(b"i:")]
-    assert sizes["packed_profiles"] == len(profiles)
+    assert 0 < sizes["decoded_profiles"] <= 3
+    assert len(profiles) - sizes["decoded_profiles"] <= sizes["packed_profiles"] <= len(profiles)
     assert sizes["owners"] >= len(owners)  # and the identifiers looked up that have no owner
     # one length byte and the id before each packed profile, and fewer bytes than its row (names as symbols)
-    assert len(profiles) * 27 < sizes["packed_profile_bytes"] < sum(len(v) for v in profiles)
+    assert sizes["packed_profiles"] * 27 < sizes["packed_profile_bytes"] < sum(len(v) for v in profiles)
     assert sizes["owner_bytes"] > sum(len(k) for k in owners)
-    assert 0 < sizes["decoded_profiles"] <= len(profiles)
 
 
 def test_packed_caches_compact_the_records_replaced_profiles_leave() -> None:
@@ -724,12 +725,15 @@ def test_a_profile_larger_than_a_chunk_is_cached_and_replaced() -> None:
     """A packed profile over 256 KiB (a value that long: validation caps them, the core does not) takes a
     chunk of its own, read and replaced like any other, and freed once replaced."""
     long = "x" * (300 << 10)
-    idents = [(Identifier("cookie_id", f"{long}{n % 2}"),) for n in range(6)]
+    # four profiles in turn through a decoded cache of one: each leaves it, packed, and comes back
+    idents = [(Identifier("cookie_id", f"{long}{n % 4}"),) for n in range(16)]
     events = [NormalizedEvent(f"e{n}", "web", "web", "page_view", _T0 + n, i) for n, i in enumerate(idents)]
     _, nat, _ = _differential(events, Rules(), Trace("# a large record"), nat_kw={"cache_profiles": 1})
     sizes = nat.cache_sizes()
-    assert sizes["packed_profiles"] == 2
-    assert sizes["packed_profile_arena_bytes"] < 4 * (300 << 10)  # the replaced records' chunks were freed
+    assert sizes["packed_profiles"] >= 2
+    # a chunk per packed profile, and the one small records fill: the replaced records' chunks were freed
+    bound = sizes["packed_profiles"] * ((300 << 10) + 1024) + (256 << 10)
+    assert sizes["packed_profile_arena_bytes"] < bound
 
 
 _OVERFLOWING = Decimal("9E+999999")  # twice this passes Python's decimal context: the sum raises Overflow
