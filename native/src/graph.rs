@@ -465,10 +465,15 @@ impl Graph {
 
     /// Bring `stats` up to date before it is read or written.
     pub fn fold_counters(&mut self) -> PyResult<()> {
-        if self.uncounted_events > 0 {
-            let n = self.uncounted_events;
-            self.uncounted_events = 0;
-            self.inc("events", n)?;
+        let n = std::mem::take(&mut self.uncounted_events);
+        if self.stats.get("events").is_some_and(Value::is_i64) {
+            if n > 0 {
+                self.inc("events", n)?;
+            }
+        } else {
+            for _ in 0..n {
+                self.inc("events", 1)?; // a float counter: Python adds one at a time, and rounds each time
+            }
         }
         self.window_counted = false;
         Ok(())
