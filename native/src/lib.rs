@@ -165,28 +165,23 @@ impl Engine {
             Kind::Refused => &self.kinds[3],
         };
         let change = self.new_object.bind(py).call1((self.change.bind(py),))?;
-        set_slot(&change, intern!(py, "kind"), kind.bind(py))?;
-        set_slot(
-            &change,
-            intern!(py, "profile_id"),
-            &c.profile_id.to_object(py).into_bound(py),
-        )?;
-        set_slot(
-            &change,
-            intern!(py, "seq"),
-            &c.seq.to_object(py).into_bound(py),
-        )?;
-        set_slot(
-            &change,
-            intern!(py, "event_id"),
-            &c.event_id.to_object(py).into_bound(py),
-        )?;
-        set_slot(
-            &change,
-            intern!(py, "at_ms"),
-            &c.at.to_object(py).into_bound(py),
-        )?;
-        set_slot(&change, intern!(py, "payload"), &payload)?;
+        let slots = [
+            (intern!(py, "kind"), kind.clone_ref(py).into_bound(py)),
+            (
+                intern!(py, "profile_id"),
+                c.profile_id.to_object(py).into_bound(py),
+            ),
+            (intern!(py, "seq"), c.seq.to_object(py).into_bound(py)),
+            (
+                intern!(py, "event_id"),
+                c.event_id.to_object(py).into_bound(py),
+            ),
+            (intern!(py, "at_ms"), c.at.to_object(py).into_bound(py)),
+            (intern!(py, "payload"), payload.into_any()),
+        ];
+        for (name, value) in &slots {
+            set_slot(&change, name, value)?;
+        }
         Ok(change.unbind())
     }
 
